@@ -1,0 +1,183 @@
+"""Model registry: every architecture registers one :class:`ModelSpec` where it lives.
+
+A spec is everything the rest of the toolchain may know about a model: how to build
+it from a config, how to recognise its checkpoints, its I/O contract and the input
+sizes its deploy form can process exactly.  Export, runtime and CLI code only ever
+talk to specs -- never to model names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import SizeRuleError, UnknownModelError
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Input sizes (H, W) a model accepts: ``H, W >= min_size`` and divisible by ``multiple_of``."""
+
+    min_size: int = 1
+    multiple_of: int = 1
+
+    def check(self, height: int, width: int, what: str = "model") -> None:
+        for name, v in (("height", height), ("width", width)):
+            if v < self.min_size:
+                raise SizeRuleError(
+                    f"{what} needs input {name} >= {self.min_size}, got {height}x{width}"
+                )
+            if v % self.multiple_of:
+                raise SizeRuleError(
+                    f"{what} needs input height and width divisible by {self.multiple_of}, "
+                    f"got {height}x{width}"
+                )
+
+    def describe(self) -> str:
+        parts = []
+        if self.multiple_of > 1:
+            parts.append(f"multiple of {self.multiple_of}")
+        if self.min_size > 1:
+            parts.append(f">= {self.min_size}px")
+        return ", ".join(parts) or "any"
+
+    def as_dict(self) -> dict[str, int]:
+        return {"min_size": self.min_size, "multiple_of": self.multiple_of}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named configuration of an architecture (e.g. SPAN ``ch48``)."""
+
+    name: str
+    config: Mapping[str, Any]
+    scales: tuple[int, ...]
+    default_scale: int
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the toolchain knows about one architecture family.
+
+    - ``build(variant, scale)`` returns the train-time form (official state-dict keys).
+    - ``detect(state_dict)`` returns ``(variant, scale)`` when the keys/shapes are this
+      architecture's, else ``None``.  It must be cheap and must not raise on foreign dicts.
+    - ``input_range``: the model's native value range (1.0 or 255.0); exported graphs
+      always take [0, 1] and wrap the scaling.
+    - ``size_rule``: sizes the *deploy form* processes exactly (the train form may accept
+      more, e.g. SAFMN's adaptive pooling takes any size >= 8).
+    - ``dynamic_shapes``: whether the deploy form can be exported with symbolic H/W.
+    - ``after_load(model)``: hook run after a strict ``load_state_dict`` (e.g. SPAN
+      re-folds ``eval_conv`` from its training branches).
+    - ``signature_keys``: keys whose presence makes a checkpoint "look like" this
+      architecture, used for "this looks like X, not Y" messages.
+    """
+
+    name: str
+    description: str
+    variants: tuple[Variant, ...]
+    default_variant: str
+    build_fn: Callable[[Mapping[str, Any], int], nn.Module]
+    detect: Callable[[StateDict], tuple[str, int] | None]
+    input_range: float = 1.0
+    size_rule: SizeRule = field(default_factory=SizeRule)
+    dynamic_shapes: bool = True
+    after_load: Callable[[nn.Module], None] | None = None
+    signature_keys: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def variant(self, name: str | None) -> Variant:
+        name = name or self.default_variant
+        for v in self.variants:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.variants)
+        raise UnknownModelError(f"unknown variant {name!r} of {self.name} (known: {known})")
+
+    def resolve_scale(self, variant: Variant, scale: int | None) -> int:
+        if scale is None:
+            return variant.default_scale
+        if scale not in variant.scales:
+            raise UnknownModelError(
+                f"{self.name} variant {variant.name} has no x{scale} model "
+                f"(scales: {', '.join(f'x{s}' for s in variant.scales)})"
+            )
+        return scale
+
+    def build(self, variant: str | None = None, scale: int | None = None) -> nn.Module:
+        v = self.variant(variant)
+        s = self.resolve_scale(v, scale)
+        model = self.build_fn(v.config, s)
+        # Remember where the module came from so later stages (export metadata,
+        # parity rebuilds) never have to guess.
+        model.edgesr_info = {"model": self.name, "variant": v.name, "scale": s}
+        return model
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    for key in (spec.name, *spec.aliases):
+        if key in _REGISTRY and _REGISTRY[key] is not spec:
+            raise ValueError(f"model name {key!r} registered twice")
+        _REGISTRY[key] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_loaded()
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise UnknownModelError(f"unknown model {name!r} (known: {', '.join(model_names())})")
+    return _REGISTRY[key]
+
+
+def all_specs() -> list[ModelSpec]:
+    _ensure_loaded()
+    seen: dict[int, ModelSpec] = {}
+    for spec in _REGISTRY.values():
+        seen.setdefault(id(spec), spec)
+    return list(seen.values())
+
+
+def model_names() -> list[str]:
+    return [s.name for s in all_specs()]
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every architecture (one module each).
+    from .. import models  # noqa: F401
+
+
+def create_model(name: str, scale: int | None = None, variant: str | None = None) -> nn.Module:
+    """Build the train-time form of a registered model with fresh (random) weights."""
+    return get_spec(name).build(variant, scale).eval()
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """The spec a model was built from (``None`` for foreign modules)."""
+    info = getattr(model, "edgesr_info", None)
+    return get_spec(info["model"]) if info else None
+
+
+def probe_size(model: nn.Module, target: int = 32) -> tuple[int, int]:
+    """A small (H, W) the model's size rule accepts, near ``target`` and deliberately odd when allowed."""
+    spec = spec_of(model)
+    rule = spec.size_rule if spec else SizeRule()
+    m = rule.multiple_of
+    h = max(rule.min_size, target)
+    h = -(-h // m) * m
+    w = h + m if m > 1 else h + 3  # non-square, and odd where the rule allows
+    return h, w
+
+
+def input_range_of(model: nn.Module) -> float:
+    spec = spec_of(model)
+    return spec.input_range if spec else 1.0
