@@ -1,0 +1,375 @@
+"""The data path, top to bottom:
+
+    checkpoint --load--> train form --fold--> folded --make_export_safe--> deploy form
+        --export--> artifact --verify (runners)--> parity report
+
+Every stage is a plain function; the CLI only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .data import image_names, random_input, read_image, fit_image, sample_input
+from .errors import EdgeSRError, ExportError, SizeRuleError
+from .io import ensure_writable_dir
+from .models.checkpoint import LoadReport, load_model
+from .models.registry import ModelSpec, get_spec, spec_of
+from .reparam import fold, make_export_safe
+
+FORMATS = {"onnx": ".onnx", "tflite": ".tflite"}
+DEFAULT_SIZE = (256, 256)
+
+Progress = Callable[[str, float], None]
+
+
+def _no_progress(stage: str, seconds: float) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: ModelSpec
+    variant: str
+    scale: int
+    source: str  # "random (seed 0)" or the checkpoint summary
+    random_init: bool
+
+
+def obtain_model(
+    name: str | None,
+    variant: str | None = None,
+    scale: int | None = None,
+    weights: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """A train-form model from a checkpoint (detected; flags must agree) or seeded random init."""
+    if weights is not None:
+        model, report = load_model(weights, name=name, variant=variant, scale=scale, return_report=True)
+        info = model.edgesr_info
+        return LoadedModel(model, get_spec(info["model"]), info["variant"], info["scale"], report.summary(), False)
+    if name is None:
+        raise EdgeSRError("give --model NAME or --weights CHECKPOINT")
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    model = spec.build(variant, scale).eval()
+    info = model.edgesr_info
+    return LoadedModel(model, spec, info["variant"], info["scale"], f"random init (seed {seed})", True)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256', '256x256' or '360x640' (HxW) -> (H, W)."""
+    t = text.lower().replace(" ", "")
+    parts = t.split("x") if "x" in t else [t, t]
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise EdgeSRError(f"bad size {text!r}: expected HxW, e.g. 256x256") from None
+    if h <= 0 or w <= 0:
+        raise EdgeSRError(f"bad size {text!r}: height and width must be positive")
+    return h, w
+
+
+def check_size(spec: ModelSpec, size: tuple[int, int]) -> None:
+    spec.size_rule.check(*size, what=f"{spec.name} (deploy form)")
+
+
+# --------------------------------------------------------------------------- quiet exporters
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[list[str]]:
+    """Silence fd-level stdout/stderr (exporters print a lot); keep the tail for errors."""
+    tail: list[str] = []
+    if os.environ.get("EDGESR_VERBOSE"):
+        yield tail
+        return
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 1)
+        os.dup2(buf.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield tail
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            buf.seek(0)
+            tail.extend(buf.read().decode(errors="replace").splitlines()[-20:])
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@dataclass
+class VerifySettings:
+    sizes: Sequence[tuple[int, int]]
+    images: Sequence[np.ndarray] = ()  # (H, W, 3) float32 [0, 1]; cropped/resized to each size
+    seed: int = 0
+    threads: int | None = None
+
+
+def parity_inputs(settings: VerifySettings) -> list[tuple[str, np.ndarray]]:
+    """Seeded noise and real photographs at every requested size (NCHW float32 [0,1])."""
+    cases = []
+    for h, w in settings.sizes:
+        cases.append((f"random(seed={settings.seed}) {h}x{w}", random_input(h, w, settings.seed)))
+        if settings.images:
+            for i, img in enumerate(settings.images):
+                x = np.ascontiguousarray(fit_image(img, h, w).transpose(2, 0, 1)[None])
+                cases.append((f"image[{i}] {h}x{w}", x))
+        else:
+            name = image_names()[0]
+            cases.append((f"photo:{name} {h}x{w}", sample_input(h, w, name)))
+    return cases
+
+
+def verify_artifact(artifact: Path, reference: nn.Module, input_range: float, settings: VerifySettings, fmt: str):
+    """Run the artifact on its real runtime against the train-form PyTorch model."""
+    from .runtime.parity import ParityCase, ParityReport, compare, threshold_for
+    from .runtime.runners import TorchRunner, open_runner
+
+    ref_runner = TorchRunner(reference, input_range=input_range)
+    art_runner = open_runner(artifact, threads=settings.threads)
+    cases = []
+    for label, x in parity_inputs(settings):
+        ref = ref_runner.run(x)
+        out = art_runner.run(x)
+        m = compare(ref, out)
+        cases.append(ParityCase(input=label, size=tuple(x.shape[2:]), reference=ref_runner.name,
+                                candidate=art_runner.name, metrics=m, passed=threshold_for("fp32").passes(m)))
+    return ParityReport(artifact=str(artifact.name), format=fmt, precision="fp32", cases=cases,
+                        versions=runtime_versions())
+
+
+def runtime_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"edgesr": __version__}
+    for pkg in ("torch", "onnx", "onnxruntime", "ai-edge-litert", "litert-torch"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportOutcome:
+    artifact: Path
+    report_json: Path
+    report_md: Path
+    passed: bool | None  # None when verification was skipped
+    report: dict = field(default_factory=dict)
+
+
+def default_output(loaded: LoadedModel, fmt: str, size: tuple[int, int], dynamic: bool) -> Path:
+    shape = "dyn" if dynamic else f"{size[0]}x{size[1]}"
+    return Path("edgesr-out") / f"{loaded.spec.name}_{loaded.variant}_x{loaded.scale}_{shape}{FORMATS[fmt]}"
+
+
+def export_model(
+    loaded: LoadedModel,
+    fmt: str,
+    size: tuple[int, int] | None = None,
+    dynamic: bool = False,
+    output: str | os.PathLike | None = None,
+    verify: bool = True,
+    threads: int | None = None,
+    progress: Progress = _no_progress,
+) -> ExportOutcome:
+    """load -> fold -> make export-safe -> export -> verify, writing artifact + reports atomically."""
+    from .export.onnx import export_onnx
+    from .export.tflite import export_tflite
+    from .export.metadata import write_metadata
+
+    spec = loaded.spec
+    if fmt not in FORMATS:
+        raise EdgeSRError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if dynamic and fmt != "onnx":
+        raise ExportError("--dynamic is only supported for ONNX (TFLite graphs are static-shape)")
+    if dynamic and not spec.dynamic_shapes:
+        raise ExportError(f"{spec.name}'s deploy form bakes its input size into the graph; export it without --dynamic")
+    size = size or _default_size(spec)
+    check_size(spec, size)
+    out = Path(output) if output else default_output(loaded, fmt, size, dynamic)
+    if out.suffix != FORMATS[fmt]:
+        raise EdgeSRError(f"output {out} should end in {FORMATS[fmt]} for --format {fmt}")
+    ensure_writable_dir(out.parent)
+
+    t = time.perf_counter()
+    folded, fold_report = fold(loaded.model, probe=_fold_probe(spec))
+    progress("fold", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    safe = make_export_safe(folded, fmt)
+    progress("make export-safe", time.perf_counter() - t)
+
+    meta = {
+        "model": spec.name,
+        "variant": loaded.variant,
+        "scale": str(loaded.scale),
+        "layout": "NCHW" if fmt == "onnx" else "NHWC",
+        "input_range": "[0,1]",
+        "native_range": f"[0,{spec.input_range:g}]",
+        "size_rule": json.dumps(spec.size_rule.as_dict()),
+        "input_size": "dynamic" if dynamic else f"{size[0]}x{size[1]}",
+        "weights": loaded.source,
+        "edgesr_version": __version__,
+        **{f"{k}_version": v for k, v in runtime_versions().items() if k != "edgesr"},
+    }
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=".edgesr-", dir=out.parent))
+    try:
+        tmp_art = tmpdir / out.name
+        t = time.perf_counter()
+        with captured_output() as tail:
+            try:
+                if fmt == "onnx":
+                    result = export_onnx(safe, tmp_art, input_range=spec.input_range, input_size=size,
+                                         dynamic=dynamic, multiple_of=spec.size_rule.multiple_of,
+                                         min_size=spec.size_rule.min_size, metadata=meta)
+                else:
+                    result = export_tflite(safe, tmp_art, input_range=spec.input_range, input_size=size,
+                                           metadata=meta)
+            except EdgeSRError:
+                raise
+            except Exception as e:  # converter failures become one clear line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise ExportError(f"{fmt} export of {spec.name} failed: {type(e).__name__}: {first}") from e
+        export_seconds = time.perf_counter() - t
+        progress(f"export {fmt}", export_seconds)
+
+        report: dict = {
+            "model": spec.name, "variant": loaded.variant, "scale": loaded.scale, "format": fmt,
+            "input_size": meta["input_size"], "weights": loaded.source, "random_init": loaded.random_init,
+            "fold": fold_report.as_dict(), "export": _result_dict(result), "export_seconds": round(export_seconds, 2),
+            "versions": runtime_versions(),
+        }
+        passed: bool | None = None
+        if verify:
+            t = time.perf_counter()
+            sizes = [size]
+            if dynamic:
+                sizes.append(_second_size(spec, size))
+            parity = verify_artifact(tmp_art, loaded.model, spec.input_range,
+                                     VerifySettings(sizes=sizes, threads=threads), fmt)
+            progress("verify", time.perf_counter() - t)
+            passed = parity.passed
+            report["parity"] = parity.to_dict()
+            report["passed"] = passed
+            write_metadata(tmp_art, {"parity": parity.summary()})
+        else:
+            report["parity"] = None
+            report["passed"] = None
+            write_metadata(tmp_art, {"parity": "not verified (--no-verify)"})
+
+        json_path = out.with_suffix(out.suffix + ".json")
+        md_path = out.with_suffix(out.suffix + ".md")
+        (tmpdir / json_path.name).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        (tmpdir / md_path.name).write_text(_report_markdown(report))
+        # Reports first, artifact last: an artifact on disk always has its report beside it.
+        for name in (json_path.name, md_path.name, out.name):
+            os.replace(tmpdir / name, out.parent / name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ExportOutcome(out, json_path, md_path, passed, report)
+
+
+def _default_size(spec: ModelSpec) -> tuple[int, int]:
+    m = spec.size_rule.multiple_of
+    h = max(DEFAULT_SIZE[0], spec.size_rule.min_size)
+    h = -(-h // m) * m
+    return h, h
+
+
+def _fold_probe(spec: ModelSpec) -> tuple[int, int]:
+    m = spec.size_rule.multiple_of
+    h = -(-max(32, spec.size_rule.min_size) // m) * m
+    return h, h + (m if m > 1 else 3)
+
+
+def _second_size(spec: ModelSpec, size: tuple[int, int]) -> tuple[int, int]:
+    """Another size the dynamic graph must handle: smaller, non-square, still legal."""
+    m = spec.size_rule.multiple_of
+    h = max(spec.size_rule.min_size, -(-(size[0] // 2 + 1) // m) * m)
+    w = max(spec.size_rule.min_size, -(-(size[1] // 2 + 3) // m) * m + m)
+    return h, w
+
+
+def _result_dict(result) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(result) if is_dataclass(result) else dict(result)
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _report_markdown(report: dict) -> str:
+    lines = [
+        f"# edgesr export: {report['model']} {report['variant']} x{report['scale']} -> {report['format']}",
+        "",
+        f"- input size: {report['input_size']}",
+        f"- weights: {report['weights']}",
+        f"- export time: {report['export_seconds']} s",
+        f"- fold: {report['fold']['params_before']:,} -> {report['fold']['params_after']:,} params, "
+        f"max-abs {report['fold']['max_abs']:.2e} on the probe",
+    ]
+    parity = report.get("parity")
+    if parity is None:
+        lines += ["", "**Parity: not verified** (--no-verify)."]
+    else:
+        verdict = "PASSED" if report["passed"] else "FAILED"
+        lines += ["", f"## Parity: {verdict} (fp32, max-abs threshold {parity['threshold']['max_abs']:g} on [0,1])", "",
+                  "| input | runtime | max-abs | mean-abs | PSNR (dB) | ok |", "|---|---|---|---|---|---|"]
+        for c in parity["cases"]:
+            m = c["metrics"]
+            lines.append(f"| {c['input']} | {c['candidate']} | {m['max_abs']:.2e} | {m['mean_abs']:.2e} | "
+                         f"{m['psnr_db']:.1f} | {'yes' if c['passed'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_images(directory: str | os.PathLike) -> list[np.ndarray]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise EdgeSRError(f"image directory not found: {d}")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    if not files:
+        raise EdgeSRError(f"no images (.png/.jpg/.bmp/.webp) in {d}")
+    try:
+        return [read_image(p) for p in files]
+    except OSError as e:
+        raise EdgeSRError(f"cannot read image in {d}: {e}") from None
