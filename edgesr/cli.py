@@ -169,6 +169,16 @@ def parity_cmd(
         raise typer.Exit(1)
 
 
+def _register_plugins() -> None:
+    # Commands that live beside their subsystem register themselves here.
+    from .bench.commands import register as register_bench
+
+    register_bench(app)
+
+
+_register_plugins()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors are one line and exit 2 (parity failures exit 1)."""
     try:

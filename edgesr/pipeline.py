@@ -50,8 +50,9 @@ class LoadedModel:
     spec: ModelSpec
     variant: str
     scale: int
-    source: str  # "random (seed 0)" or the checkpoint summary
+    source: str  # "random init (seed 0)" or the checkpoint summary
     random_init: bool
+    seed: int | None = None
 
 
 def obtain_model(
@@ -72,7 +73,7 @@ def obtain_model(
     torch.manual_seed(seed)
     model = spec.build(variant, scale).eval()
     info = model.edgesr_info
-    return LoadedModel(model, spec, info["variant"], info["scale"], f"random init (seed {seed})", True)
+    return LoadedModel(model, spec, info["variant"], info["scale"], f"random init (seed {seed})", True, seed)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -242,6 +243,7 @@ def export_model(
         "size_rule": json.dumps(spec.size_rule.as_dict()),
         "input_size": "dynamic" if dynamic else f"{size[0]}x{size[1]}",
         "weights": loaded.source,
+        "seed": "" if loaded.seed is None else str(loaded.seed),
         "edgesr_version": __version__,
         **{f"{k}_version": v for k, v in runtime_versions().items() if k != "edgesr"},
     }

@@ -75,15 +75,15 @@ need_host_packages() {
 need_host_packages
 
 # ---- pins: the host Python's versions, so both architectures run the same releases ----
-host_version() {  # $1 = distribution name; prints the version or nothing
-  "$HOST_PY" -c 'import sys, importlib.metadata as m
-try: print(m.version(sys.argv[1]))
-except m.PackageNotFoundError: pass' "$1" 2>/dev/null || true
-}
 command -v "$HOST_PY" >/dev/null || die "host Python '$HOST_PY' not found (pass --python)"
-NUMPY_V=${EDGESR_ARM64_NUMPY:-$(host_version numpy)}
-ORT_V=${EDGESR_ARM64_ONNXRUNTIME:-$(host_version onnxruntime)}
-LITERT_V=${EDGESR_ARM64_LITERT:-$(host_version ai-edge-litert)}
+read -r HOST_NP HOST_ORT HOST_LITERT < <("$HOST_PY" -c 'import importlib.metadata as m
+def v(d):
+    try: return m.version(d)
+    except m.PackageNotFoundError: return "-"
+print(v("numpy"), v("onnxruntime"), v("ai-edge-litert"))' 2>/dev/null || echo "- - -")
+NUMPY_V=${EDGESR_ARM64_NUMPY:-${HOST_NP#-}}
+ORT_V=${EDGESR_ARM64_ONNXRUNTIME:-${HOST_ORT#-}}
+LITERT_V=${EDGESR_ARM64_LITERT:-${HOST_LITERT#-}}
 [ -n "$NUMPY_V" ] && [ -n "$ORT_V" ] && [ -n "$LITERT_V" ] || die \
   "cannot pin versions: '$HOST_PY' lacks numpy/onnxruntime/ai-edge-litert (got '${NUMPY_V}' '${ORT_V}' '${LITERT_V}'); pass --python or set EDGESR_ARM64_NUMPY/_ONNXRUNTIME/_LITERT"
 TAG="np${NUMPY_V}-ort${ORT_V}-litert${LITERT_V}-r${RECIPE}"
@@ -107,6 +107,7 @@ make_prefix() {  # $1 = tree, $2 = prefix dir to create
   # host's x86 /sys, and `import onnxruntime` segfaults (see shared/notes/arm64_emulation.md)
   echo 0 >"$tmp/sys/devices/system/cpu/possible"
   echo 0 >"$tmp/sys/devices/system/cpu/present"
+  chmod 755 "$tmp"
   mv -T "$tmp" "$dest" 2>/dev/null || rm -rf "$tmp"   # lost a race: the other one is identical
 }
 

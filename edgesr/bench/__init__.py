@@ -1,0 +1,1 @@
+"""Latency benchmarking (being implemented)."""

@@ -1,0 +1,108 @@
+"""`edgesr parity`: check an existing artifact against the train-form PyTorch model.
+
+The reference is rebuilt from the artifact's own metadata (model, variant, scale) and
+either the checkpoint the user passes or the seed recorded for a random-init export.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import EdgeSRError
+from ..models.registry import get_spec
+
+ARCHES = ("x86_64", "aarch64")
+# aarch64 vs x86 runtime: same kernels family, different ISA -> rounding-level differences only.
+CROSS_ARCH_MAX_ABS = 1e-5
+
+
+def _reference_model(meta: dict, weights: str | os.PathLike | None):
+    from ..pipeline import obtain_model
+
+    name, variant, scale = meta["model"], meta["variant"], int(meta["scale"])
+    if weights is not None:
+        return obtain_model(name, variant, scale, weights)
+    if meta.get("seed", "") == "":
+        raise EdgeSRError(
+            f"this artifact was exported from a checkpoint ({meta.get('weights', '?')}); pass it with --weights"
+        )
+    return obtain_model(name, variant, scale, None, seed=int(meta["seed"]))
+
+
+def _sizes(meta: dict, requested: Sequence[str] | None, spec) -> list[tuple[int, int]]:
+    from ..pipeline import _second_size, check_size, parse_size
+
+    fixed = meta.get("input_size", "dynamic")
+    if fixed != "dynamic":
+        size = parse_size(fixed)
+        if requested and any(parse_size(s) != size for s in requested):
+            raise EdgeSRError(f"this artifact has a static input of {fixed}; it cannot run at other sizes")
+        return [size]
+    sizes = [parse_size(s) for s in requested] if requested else []
+    if not sizes:
+        base = (64, 64)
+        sizes = [(-(-base[0] // spec.size_rule.multiple_of) * spec.size_rule.multiple_of,) * 2]
+        sizes.append(_second_size(spec, sizes[0]))
+    for s in sizes:
+        check_size(spec, s)
+    return sizes
+
+
+def check_artifact(
+    artifact: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    sizes: Sequence[str] | None = None,
+    arch: str = "x86_64",
+    threads: int | None = None,
+):
+    from ..export.metadata import read_metadata
+    from ..pipeline import VerifySettings, load_images, parity_inputs, runtime_versions
+    from .parity import ParityCase, ParityReport, compare, threshold_for
+    from .runners import TorchRunner, open_runner
+
+    path = Path(artifact)
+    if not path.is_file():
+        raise EdgeSRError(f"artifact not found: {path}")
+    if arch not in ARCHES:
+        raise EdgeSRError(f"unknown --arch {arch!r} (known: {', '.join(ARCHES)})")
+    meta = read_metadata(path)
+    if "model" not in meta:
+        raise EdgeSRError(f"{path.name} has no edgesr metadata; was it written by `edgesr export`?")
+    spec = get_spec(meta["model"])
+    loaded = _reference_model(meta, weights)
+    settings = VerifySettings(
+        sizes=_sizes(meta, sizes, spec),
+        images=load_images(images) if images else (),
+        threads=threads,
+    )
+    fmt = "onnx" if path.suffix == ".onnx" else "tflite"
+    reference = TorchRunner(loaded.model, input_range=spec.input_range)
+    native = open_runner(path, threads=threads)
+    inputs = parity_inputs(settings)
+    fp32 = threshold_for("fp32")
+
+    cases: list = []
+    if arch == "x86_64":
+        for label, x in inputs:
+            m = compare(reference.run(x), native.run(x))
+            cases.append(ParityCase(input=label, size=tuple(x.shape[2:]), reference=reference.name,
+                                    candidate=native.name, metrics=m, passed=fp32.passes(m)))
+    else:
+        from .arm import Aarch64Runner
+
+        arm = Aarch64Runner(path, threads=threads or 1)
+        outs = arm.run_many([x for _, x in inputs])
+        for (label, x), y_arm in zip(inputs, outs):
+            m_ref = compare(reference.run(x), y_arm)
+            cases.append(ParityCase(input=label, size=tuple(x.shape[2:]), reference=reference.name,
+                                    candidate=arm.name, metrics=m_ref, passed=fp32.passes(m_ref)))
+            m_x86 = compare(native.run(x), y_arm)
+            cases.append(ParityCase(input=label, size=tuple(x.shape[2:]), reference=native.name,
+                                    candidate=arm.name, metrics=m_x86,
+                                    passed=m_x86.finite and m_x86.max_abs <= CROSS_ARCH_MAX_ABS))
+    return ParityReport(artifact=path.name, format=fmt, precision="fp32", cases=cases, versions=runtime_versions())
