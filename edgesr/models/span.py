@@ -1,1 +1,236 @@
-"""Placeholder: being implemented."""
+"""SPAN: Swift Parameter-free Attention Network (Wan et al., NTIRE 2023/2024 winner).
+
+Train-time form with the official state-dict layout (``hongyuanyu/SPAN``,
+``basicsr/archs/span_arch.py``) and the NTIRE 2024 deploy-only ``SPAN30`` (ch28) form.
+
+Official semantics reproduced here, quirks included:
+
+- The input (RGB in [0, 1]) is normalised inside forward: ``(x - mean) * 255`` with
+  ``mean = (0.4488, 0.4371, 0.4040)``.  ``mean`` is a plain tensor in the official code,
+  so it is a *non-persistent* buffer here (not in the state dict).  There is no
+  de-normalisation and no clamp at the output.
+- ``conv_cat`` sees ``cat[f0, conv_2(f6), f1, h6]``.  ``h6`` is what block 6 returns as its
+  second output.  The official SPAB applies ``nn.SiLU(inplace=True)`` to ``out1`` *after*
+  keeping a reference to it, so the returned tensor is **post-SiLU** ``SiLU(c1_r(x))``
+  (not the pre-activation the architecture figure suggests).  We return exactly that.
+- SPAB's second activation (``LeakyReLU(0.1)``) is unused and has no parameters: dropped.
+- ``Conv3XC`` training path: zero-pad x by 1 *before* the first 1x1 conv, then
+  1x1 -> 3x3 (padding 0) -> 1x1, plus the ``sk`` 1x1 on the unpadded x.
+- ``Conv3XC`` eval path: the official code recomputes ``eval_conv`` from ``sk``/``conv``
+  on every forward and writes it into ``.data``.  We compute the same folded kernel
+  *functionally* (no mutation; fp64 fold, cast to the parameter dtype) and convolve with
+  it, so eval output equals the official eval output at rounding level and the folded
+  deploy module is bit-identical to our eval forward.  Stored ``eval_conv`` values are
+  ignored by the training form (they may be stale, or an EMA of folds); ``after_load``
+  re-folds them so a saved state dict is self-consistent.
+- Deploy-only form (``ch28``, NTIRE24 team38): ``Conv3XC`` holds only ``eval_conv`` and
+  always uses it; the stored values are authoritative.
+
+Folds: ``Conv3XC -> nn.Conv2d(3x3, padding=1)``, exact including borders (the padded
+border pixels of the train path equal ``b1``, which is what the folded bias accounts
+for).  Rejected: folding ``(x - mean) * 255`` into ``conv_1`` -- inexact at the 1-px
+border (zero padding of the normalised input is padding the raw input with ``mean``),
+so the deploy form keeps an explicit Sub and Mul.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reparam.rules import register_fold
+from .registry import ModelSpec, SizeRule, StateDict, Variant, register
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+IMG_RANGE = 255.0
+N_BLOCKS = 6
+
+
+def conv3xc_fold(
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+    w3: torch.Tensor, b3: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of ``1x1 -> 3x3 valid -> 1x1`` on a zero-padded input, plus a 1x1 skip.
+
+    ``K[o,c,i,j] = sum_{m,n} W3[o,m] W2[m,n,i,j] W1[n,c] + Ws[o,c] [i=j=1]`` and
+    ``B = W3 (sum_{n,i,j} W2[:,n,i,j] b1[n] + b2) + b3 + bs``.  Computed in float64,
+    returned in the dtype of ``w2``.  Differentiable (no in-place writes).
+    """
+    dt = w2.dtype
+    w1, b1, w2, b2, w3, b3, ws, bs = (t.double() for t in (w1, b1, w2, b2, w3, b3, ws, bs))
+    a1 = w1[:, :, 0, 0]  # (m1, ci)
+    a3 = w3[:, :, 0, 0]  # (co, m2)
+    k = torch.einsum("om,mnij->onij", a3, w2)
+    k = torch.einsum("onij,nc->ocij", k, a1)
+    k = k + F.pad(ws, (1, 1, 1, 1))
+    b = a3 @ (w2.sum((2, 3)) @ b1 + b2) + b3 + bs
+    return k.to(dt).contiguous(), b.to(dt)
+
+
+class Conv3XC(nn.Module):
+    """SPAN's re-parameterisable 3x3 conv (``gain1`` = expansion of the inner convs)."""
+
+    def __init__(self, c_in: int, c_out: int, gain1: int = 2, deploy_only: bool = False):
+        super().__init__()
+        self.deploy_only = deploy_only
+        if not deploy_only:
+            self.sk = nn.Conv2d(c_in, c_out, 1)
+            self.conv = nn.Sequential(
+                nn.Conv2d(c_in, c_in * gain1, 1),
+                nn.Conv2d(c_in * gain1, c_out * gain1, 3, padding=0),
+                nn.Conv2d(c_out * gain1, c_out, 1),
+            )
+        self.eval_conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.eval_conv.weight.requires_grad_(False)
+        self.eval_conv.bias.requires_grad_(False)
+        if not deploy_only:
+            self.refold_()
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 3x3 kernel and bias equivalent to the training branches (no mutation)."""
+        if self.deploy_only:
+            return self.eval_conv.weight, self.eval_conv.bias
+        c0, c1, c2 = self.conv
+        return conv3xc_fold(c0.weight, c0.bias, c1.weight, c1.bias, c2.weight, c2.bias,
+                            self.sk.weight, self.sk.bias)
+
+    @torch.no_grad()
+    def refold_(self) -> None:
+        """Write the fold of ``sk``/``conv`` into ``eval_conv`` (what official eval does)."""
+        if self.deploy_only:
+            return
+        w, b = self.folded()
+        self.eval_conv.weight.copy_(w)
+        self.eval_conv.bias.copy_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy_only:
+            return self.eval_conv(x)
+        if self.training:
+            return self.conv(F.pad(x, (1, 1, 1, 1))) + self.sk(x)
+        w, b = self.folded()
+        return F.conv2d(x, w, b, padding=1)
+
+
+@register_fold(Conv3XC)
+def _fold_conv3xc(m: Conv3XC) -> nn.Module:
+    w, b = m.folded()
+    conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w.detach())
+        conv.bias.copy_(b.detach())
+    return conv
+
+
+class SPAB(nn.Module):
+    """Swift parameter-free attention block; returns ``(out, SiLU(c1_r(x)), attention)``."""
+
+    def __init__(self, channels: int, deploy_only: bool = False):
+        super().__init__()
+        self.c1_r = Conv3XC(channels, channels, 2, deploy_only)
+        self.c2_r = Conv3XC(channels, channels, 2, deploy_only)
+        self.c3_r = Conv3XC(channels, channels, 2, deploy_only)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Official: out1 = c1_r(x); SiLU(inplace=True)(out1) -- out1 itself becomes post-SiLU.
+        out1 = F.silu(self.c1_r(x))
+        out2 = F.silu(self.c2_r(out1))
+        out3 = self.c3_r(out2)
+        att = torch.sigmoid(out3) - 0.5
+        return (out3 + x) * att, out1, att
+
+
+class SPAN(nn.Module):
+    def __init__(self, feature_channels: int = 48, upscale: int = 4, deploy_only: bool = False,
+                 num_in_ch: int = 3, num_out_ch: int = 3):
+        super().__init__()
+        c = feature_channels
+        self.upscale = upscale
+        self.img_range = IMG_RANGE
+        # Not in the official state dict: a plain tensor there, a non-persistent buffer here.
+        self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.conv_1 = Conv3XC(num_in_ch, c, 2, deploy_only)
+        for i in range(1, N_BLOCKS + 1):
+            self.add_module(f"block_{i}", SPAB(c, deploy_only))
+        self.conv_cat = nn.Conv2d(4 * c, c, 1)
+        self.conv_2 = Conv3XC(c, c, 2, deploy_only)
+        self.upsampler = nn.Sequential(nn.Conv2d(c, num_out_ch * upscale**2, 3, padding=1),
+                                       nn.PixelShuffle(upscale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) * self.img_range
+        f0 = self.conv_1(x)
+        f, h, _ = self.block_1(f0)
+        f1 = f
+        for i in range(2, N_BLOCKS + 1):
+            f, h, _ = getattr(self, f"block_{i}")(f)
+        z = self.conv_cat(torch.cat([f0, self.conv_2(f), f1, h], 1))
+        return self.upsampler(z)
+
+
+# --- spec ------------------------------------------------------------------------------
+
+_SCALES = (2, 3, 4)
+VARIANTS = (
+    Variant("ch48", {"feature_channels": 48, "deploy_only": False}, _SCALES, 4,
+            "SPAN-S: 48 channels (spanx2_ch48 / spanx4_ch48)"),
+    Variant("ch52", {"feature_channels": 52, "deploy_only": False}, _SCALES, 4,
+            "SPAN: 52 channels (spanx4_ch52)"),
+    Variant("ch28", {"feature_channels": 28, "deploy_only": True}, (4,), 4,
+            "NTIRE 2024 entry (SPAN30, team38): 28 channels, deploy-only checkpoint"),
+)
+
+
+def _build(config: Mapping[str, Any], scale: int) -> nn.Module:
+    return SPAN(config["feature_channels"], scale, config["deploy_only"])
+
+
+def _detect(sd: StateDict) -> tuple[str, int] | None:
+    up = sd.get("upsampler.0.weight")
+    ev = sd.get("conv_1.eval_conv.weight")
+    if up is None or ev is None or up.ndim != 4 or ev.ndim != 4:
+        return None
+    if "block_1.c1_r.eval_conv.weight" not in sd or "conv_cat.weight" not in sd:
+        return None
+    deploy_only = "conv_1.sk.weight" not in sd
+    channels = int(ev.shape[0])
+    if tuple(ev.shape[1:]) != (3, 3, 3):
+        return None
+    out = int(up.shape[0])
+    if out % 3:
+        return None
+    scale = round((out // 3) ** 0.5)
+    if scale * scale * 3 != out:
+        return None
+    for v in VARIANTS:
+        if v.config["feature_channels"] == channels and v.config["deploy_only"] == deploy_only:
+            return (v.name, scale) if scale in v.scales else None
+    return None
+
+
+def _after_load(model: nn.Module) -> None:
+    # Official eval recomputes eval_conv from sk/conv on every forward; stored values may be
+    # stale (or, in params_ema, an EMA of folds).  Deploy-only Conv3XC keep theirs.
+    for m in model.modules():
+        if isinstance(m, Conv3XC):
+            m.refold_()
+
+
+SPEC = register(
+    ModelSpec(
+        name="span",
+        description="SPAN (Swift Parameter-free Attention Network), official BasicSR layout",
+        variants=VARIANTS,
+        default_variant="ch48",
+        build_fn=_build,
+        detect=_detect,
+        input_range=1.0,
+        size_rule=SizeRule(min_size=1),
+        dynamic_shapes=True,
+        after_load=_after_load,
+        signature_keys=("conv_1.eval_conv.weight", "block_1.c1_r.eval_conv.weight", "upsampler.0.weight"),
+    )
+)

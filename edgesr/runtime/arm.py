@@ -131,7 +131,9 @@ class Aarch64Runner:
             # a clean environment: host LD_*/PYTHON*/OMP_* settings must not reach the guest
             env = {"QEMU_CPU": self.cpu, "LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"}
             try:
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=self.timeout)
+                # cwd=tmp: a crashing qemu may write a core file there, deleted with tmp
+                proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True,
+                                      timeout=self.timeout)
             except subprocess.TimeoutExpired as e:
                 raise Aarch64Error(f"aarch64 run of {self.artifact.name} timed out after {self.timeout:g} s") from e
             except OSError as e:

@@ -1,0 +1,245 @@
+"""Parity metrics between a reference output and a candidate output, and their report.
+
+All figures are on the artifact contract's [0, 1] scale: max/mean absolute error and
+PSNR with peak 1.0.  Nothing here knows models or runtimes; callers pass arrays and
+runner names.
+
+Thresholds (max-abs on [0, 1]):
+
+=========  ===========  ====================================================================
+precision  max_abs      status
+=========  ===========  ====================================================================
+fp32       1e-4         **in use.** Measured fp32 exports sit at 1e-7 .. 1e-5 (rounding
+                        level; dry run worst 4.2e-6 relative), so 1e-4 only fails on real
+                        defects (a merged weight gave 0.3-1.5; a wrong op >= 1e-2).
+fp16       3e-3         placeholder, **not used yet**: no fp16 export exists; fp16 TFLite in
+                        the dry run gave 8e-5 .. 3.4e-4 on outputs of peak ~0.1.
+int8       5e-2         placeholder, **not used yet**: ai-edge-quantizer recipes gave
+           (+35 dB)     1.7e-3 .. 2.5e-2 max-abs, 44-64 dB.
+=========  ===========  ====================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ParityError
+
+PEAK = 1.0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    max_abs: float
+    mean_abs: float
+    psnr_db: float  # peak 1.0; inf when identical, -inf when not finite
+    ref_finite: bool
+    out_finite: bool
+    finite: bool  # both finite
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Metrics":
+        return cls(
+            max_abs=_num(d["max_abs"]),
+            mean_abs=_num(d["mean_abs"]),
+            psnr_db=_num(d["psnr_db"]),
+            ref_finite=bool(d["ref_finite"]),
+            out_finite=bool(d["out_finite"]),
+            finite=bool(d["finite"]),
+            shape=tuple(d["shape"]),
+        )
+
+
+def _as_array(a) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor, without importing torch
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def compare(ref, out) -> Metrics:
+    """Metrics of ``out`` against ``ref`` (arrays or tensors of the same shape, [0, 1] scale)."""
+    r, o = _as_array(ref), _as_array(out)
+    if r.shape != o.shape:
+        raise ParityError(f"output shape {o.shape} differs from the reference shape {r.shape}")
+    r64, o64 = r.astype(np.float64), o.astype(np.float64)
+    ref_finite, out_finite = bool(np.isfinite(r64).all()), bool(np.isfinite(o64).all())
+    finite = ref_finite and out_finite
+    if r.size == 0:
+        return Metrics(0.0, 0.0, math.inf, ref_finite, out_finite, finite, tuple(r.shape))
+    if not finite:
+        return Metrics(math.inf, math.inf, -math.inf, ref_finite, out_finite, False, tuple(r.shape))
+    diff = np.abs(r64 - o64)
+    mse = float(np.mean(diff * diff))
+    psnr = math.inf if mse == 0 else 10.0 * math.log10(PEAK**2 / mse)
+    return Metrics(float(diff.max()), float(diff.mean()), psnr, True, True, True, tuple(r.shape))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    precision: str
+    max_abs: float
+    min_psnr_db: float | None
+    in_use: bool
+    note: str
+
+    def passes(self, m: Metrics) -> bool:
+        if not m.finite or not m.max_abs <= self.max_abs:
+            return False
+        return self.min_psnr_db is None or m.psnr_db >= self.min_psnr_db
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+THRESHOLDS: dict[str, Threshold] = {
+    "fp32": Threshold("fp32", 1e-4, None, True, "fp32 artifact vs fp32 PyTorch; measured 1e-7..1e-5"),
+    "fp16": Threshold("fp16", 3e-3, None, False, "placeholder, not used yet (no fp16 export)"),
+    "int8": Threshold("int8", 5e-2, 35.0, False, "placeholder, not used yet (no int8 export)"),
+}
+
+
+def threshold_for(precision: str) -> Threshold:
+    try:
+        return THRESHOLDS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r} (known: {', '.join(THRESHOLDS)})") from None
+
+
+@dataclass
+class ParityCase:
+    input: str  # what was fed, e.g. "random(seed=0) 64x64" or "photo:butterfly 64x64"
+    size: tuple[int, int]
+    reference: str  # runner names
+    candidate: str
+    metrics: Metrics
+    passed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "size": list(self.size),
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "metrics": self.metrics.as_dict(),
+            "passed": bool(self.passed),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ParityCase":
+        return cls(d["input"], tuple(d["size"]), d["reference"], d["candidate"],
+                   Metrics.from_dict(d["metrics"]), bool(d["passed"]))
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    format: str
+    precision: str = "fp32"
+    cases: list[ParityCase] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def threshold(self) -> Threshold:
+        return threshold_for(self.precision)
+
+    @property
+    def passed(self) -> bool:
+        """True only if there is at least one case and every case passed."""
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    def worst(self) -> ParityCase | None:
+        return max(self.cases, key=lambda c: (not c.metrics.finite, c.metrics.max_abs), default=None)
+
+    def summary(self) -> str:
+        """One line, e.g. for artifact metadata."""
+        w = self.worst()
+        if w is None:
+            return "no parity cases"
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"{verdict}: {self.precision} worst max-abs {w.metrics.max_abs:.2e} "
+            f"(threshold {self.threshold.max_abs:g}) over {len(self.cases)} inputs, "
+            f"{w.candidate} vs {w.reference}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict; non-finite metrics stay Python floats (``inf``) -- use :meth:`to_json` for files."""
+        return {
+            "artifact": self.artifact,
+            "format": self.format,
+            "precision": self.precision,
+            "threshold": self.threshold.as_dict(),
+            "passed": self.passed,
+            "summary": self.summary(),
+            "cases": [c.as_dict() for c in self.cases],
+            "versions": dict(self.versions),
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        """Strict JSON: ``inf``/``nan`` become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
+        return json.dumps(_json_safe(self.to_dict()), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ParityReport":
+        return cls(d["artifact"], d["format"], d.get("precision", "fp32"),
+                   [ParityCase.from_dict(c) for c in d.get("cases", [])], dict(d.get("versions", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ParityReport":
+        return cls.from_dict(json.loads(text))
+
+    def to_markdown(self) -> str:
+        t = self.threshold
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"## Parity {verdict}: {self.artifact} ({self.format}, {self.precision})",
+            "",
+            f"Threshold: max-abs <= {t.max_abs:g} on [0, 1]"
+            + (f", PSNR >= {t.min_psnr_db:g} dB" if t.min_psnr_db is not None else "")
+            + ". PSNR uses peak 1.0.",
+            "",
+            "| input | size | reference | candidate | max-abs | mean-abs | PSNR (dB) | ok |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in self.cases:
+            m = c.metrics
+            lines.append(
+                f"| {c.input} | {c.size[0]}x{c.size[1]} | {c.reference} | {c.candidate} | "
+                f"{m.max_abs:.2e} | {m.mean_abs:.2e} | {m.psnr_db:.1f} | {'yes' if c.passed else '**NO**'} |"
+            )
+        if not self.cases:
+            lines.append("| (no cases) | | | | | | | **NO** |")
+        if self.versions:
+            lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items()))]
+        return "\n".join(lines) + "\n"
+
+
+def _num(v) -> float:
+    return float(v)  # float("inf"), float("-inf"), float("nan") parse the strings to_json writes
+
+
+def _json_safe(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return "nan" if math.isnan(o) else ("inf" if o > 0 else "-inf")
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def worst_max_abs(reports: Sequence[ParityReport]) -> float:
+    """Largest max-abs over several reports (inf if any case was not finite)."""
+    vals = [c.metrics.max_abs for r in reports for c in r.cases]
+    return max(vals, default=0.0)

@@ -1,0 +1,255 @@
+"""`edgesr bench` / `edgesr bundle` on real runtimes, tiny sizes, few runs.
+
+The bundle's script is run in a fresh virtual environment that holds only its
+requirements (numpy + onnxruntime), to prove it needs neither torch nor edgesr.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesr.bench import SCHEMA, load_result, validate, write_bundle
+from edgesr.bench import device_bench as db
+from edgesr.bench.peak import Gemm, torch_gemm_module, write_onnx_gemm, write_tflite_gemm
+from edgesr.errors import EdgeSRError
+
+SIZE = 32
+PY = sys.executable
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    proc = subprocess.run([PY, "-m", "edgesr.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """SPAN x4 exported at 32x32 to both formats (random weights; latency does not care)."""
+    from edgesr.pipeline import export_model, obtain_model
+
+    d = tmp_path_factory.mktemp("art")
+    loaded = obtain_model("span", None, None, None)
+    onnx_path = export_model(loaded, "onnx", size=(SIZE, SIZE), output=d / "span.onnx", verify=False).artifact
+    tfl_path = export_model(loaded, "tflite", size=(SIZE, SIZE), output=d / "span.tflite", verify=False).artifact
+    return onnx_path, tfl_path
+
+
+def is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    # walk the chunks and check every CRC up to IEND
+    pos = 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        if zlib.crc32(kind + body) != crc:
+            return False
+        if kind == b"IEND":
+            return True
+        pos += 12 + n
+    return False
+
+
+def check_result_doc(doc, runtimes, threads):
+    validate(doc)
+    assert doc["schema"] == SCHEMA
+    assert doc["host"]["cpu_count"] >= 1
+    got = {(r["runtime"], r["threads"]) for r in doc["results"]}
+    assert got == {(rt, t) for rt in runtimes for t in threads}
+    for r in doc["results"]:
+        assert r["error"] is None, r["error"]
+        lat = r["latency_ms"]
+        assert len(r["samples_ms"]) == r["runs"]
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["max"]
+        assert lat["min"] == pytest.approx(min(r["samples_ms"]), rel=1e-3)
+        assert r["input_hw"] == [SIZE, SIZE] and r["output_hw"] == [4 * SIZE, 4 * SIZE]
+        assert r["macs"] > 0
+        # throughput and GFLOP/s follow from the median
+        assert r["throughput_mpix_s"] == pytest.approx(r["output_mpix"] / (lat["median"] / 1e3), rel=1e-9)
+        assert r["gflops"] == pytest.approx(2 * r["macs"] / (lat["median"] / 1e3) / 1e9, rel=1e-9)
+        assert 0 < r["pct_of_peak"] < 110, r
+        mem = r["memory"]
+        assert mem["rss_before_load_mb"] > 5 and mem["peak_rss_mb"] >= mem["rss_before_load_mb"]
+        assert mem["model_mb"] >= 0
+    for p in doc["peaks"]:
+        assert p["error"] is None, p["error"]
+        assert p["gflops"] > 0.5 and p["gemm"]["macs"] == Gemm().macs
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_summary_statistics_and_derived_figures():
+    samples = [0.010, 0.012, 0.011, 0.030, 0.009]
+    s = db.summarize(samples)
+    assert s["min"] == pytest.approx(9.0) and s["median"] == pytest.approx(11.0) and s["max"] == pytest.approx(30.0)
+    assert s["median"] <= s["p90"] <= s["max"]
+    rec = db.cell_record(runtime="litert", family="litert", threads=2, input_hw=[64, 64], runs=5, warmup=1,
+                         samples_s=samples, output_hw=[256, 256], macs=10**9, peak_gflops=400.0)
+    assert rec["gflops"] == pytest.approx(2e9 / 0.011 / 1e9)
+    assert rec["pct_of_peak"] == pytest.approx(100 * rec["gflops"] / 400.0)
+    assert rec["throughput_mpix_s"] == pytest.approx(256 * 256 / 1e6 / 0.011)
+    failed = db.cell_record(runtime="litert", family="litert", threads=1, input_hw=[8, 8], runs=5, warmup=1,
+                            error="boom")
+    assert failed["latency_ms"] is None and failed["error"] == "boom"
+
+
+def test_validate_rejects_foreign_documents(tmp_path):
+    with pytest.raises(EdgeSRError, match="not an edgesr bench result"):
+        validate({"results": []})
+    with pytest.raises(EdgeSRError, match="schema"):
+        validate({"schema": "edgesr.bench/2", "host": {}, "results": [], "peaks": []})
+    with pytest.raises(EdgeSRError, match="missing"):
+        validate({"schema": SCHEMA, "host": {}, "results": [{"runtime": "x"}], "peaks": []})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(EdgeSRError, match="cannot read"):
+        load_result(bad)
+
+
+def test_peak_probes_compute_the_gemm_they_claim(tmp_path):
+    """The sgemm probes are real matrix products (so their GFLOP/s is a real peak)."""
+    import onnxruntime as ort
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    g = Gemm(k=64, h=4, w=6, layers=3)
+    x = g.input()
+    ref = g.reference(x)
+    y_onnx = ort.InferenceSession(str(write_onnx_gemm(tmp_path / "g.onnx", g))).run(None, {"x": x})[0]
+    it = Interpreter(model_path=str(write_tflite_gemm(tmp_path / "g.tflite", g)), num_threads=1)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    it.invoke()
+    y_tfl = it.get_tensor(it.get_output_details()[0]["index"]).transpose(0, 3, 1, 2)
+    y_torch = torch_gemm_module(g)(torch.from_numpy(x)).detach().numpy()
+    for y in (y_onnx, y_tfl, y_torch):
+        assert y.shape == g.input_shape
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    assert g.macs == g.h * g.w * (g.layers * g.k * g.k + 2 * 3 * g.k)
+
+
+# --------------------------------------------------------------------------- bench on real runtimes
+
+
+def test_bench_artifacts_json_markdown_plot(artifacts, tmp_path):
+    onnx_path, tfl_path = artifacts
+    out_json, out_md, out_png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    rc, out, err = run_cli("bench", onnx_path, tfl_path, "--threads", "1", "--runs", "3", "--warmup", "1",
+                           "--json", out_json, "--markdown", out_md, "--plot", out_png, "--label", "ci")
+    assert rc == 0, err
+    doc = load_result(out_json)
+    check_result_doc(doc, ["onnxruntime", "litert"], [1])
+    assert doc["host"]["label"] == "ci"
+    assert {r["artifact"] for r in doc["results"]} == {"span.onnx", "span.tflite"}
+    assert {(p["family"], p["threads"]) for p in doc["peaks"]} == {("onnxruntime", 1), ("litert", 1)}
+    # both runtimes run the same deploy-form graph: same MAC count
+    assert len({r["macs"] for r in doc["results"]}) == 1
+    assert is_png(out_png)
+    md = out_md.read_text()
+    assert "| ci | span" in md and "onnxruntime" in md and "litert" in md
+    assert "median ms" in out  # the rich table
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic writes left nothing behind
+
+
+def test_bench_model_torch_forms(tmp_path):
+    """--model: train form vs deploy form in eager PyTorch, 2 threads; static artifact refuses other sizes."""
+    out_json = tmp_path / "m.json"
+    rc, out, err = run_cli("bench", "--model", "span", "--sizes", f"{SIZE}x{SIZE}", "--runtimes",
+                           "torch-train,torch-deploy", "--threads", "2", "--runs", "2", "--warmup", "1",
+                           "--json", out_json)
+    assert rc == 0, err
+    doc = load_result(out_json)
+    check_result_doc(doc, ["torch-train", "torch-deploy"], [2])
+    forms = {r["runtime"]: r["form"] for r in doc["results"]}
+    assert forms == {"torch-train": "train", "torch-deploy": "deploy"}
+    assert [(p["family"], p["threads"]) for p in doc["peaks"]] == [("torch", 2)]
+
+
+def test_bench_bad_inputs_are_one_line_errors(artifacts, tmp_path):
+    onnx_path, _ = artifacts
+    for args, needle in [
+        (["bench", onnx_path, "--sizes", "64x64"], "static"),
+        (["bench", "--model", "span", "--runtimes", "tensorrt"], "unknown runtime"),
+        (["bench", "--import", tmp_path / "missing.json"], "not found"),
+        (["bench"], "--model"),
+    ]:
+        rc, _, err = run_cli(*args)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (args, err)
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def test_bundle_refuses_non_empty_output_without_force(artifacts, tmp_path):
+    onnx_path, _ = artifacts
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(EdgeSRError, match="not empty"):
+        write_bundle(onnx_path, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    write_bundle(onnx_path, out, force=True)
+    assert not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp or backup dirs left
+
+
+def test_bundle_runs_in_a_fresh_venv_and_imports(artifacts, tmp_path):
+    onnx_path, tfl_path = artifacts
+    out = tmp_path / "bundle"
+    rc, stdout, err = run_cli("bundle", onnx_path, "--output", out)
+    assert rc == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert "span.onnx" in names and "edgesr_bench.py" in names and "requirements.txt" in names
+    assert "README.md" in names and any(n.startswith("peak_gemm") and n.endswith(".onnx") for n in names)
+    reqs = [l for l in (out / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert sorted(r.split("==")[0] for r in reqs) == ["numpy", "onnxruntime"]
+    script = (out / "edgesr_bench.py").read_text()
+    assert "import torch" not in script and "edgesr." not in script.replace("edgesr.bench/", "")
+    assert "edgesr_bench.py" in (out / "README.md").read_text()
+
+    # A genuinely fresh venv with only the bundle's requirements (pip from the local mirror).
+    venv = tmp_path / "venv"
+    subprocess.run([getattr(sys, "_base_executable", PY), "-m", "venv", "--without-pip", venv], check=True)
+    vpy = venv / "bin" / "python"
+    pip = subprocess.run([PY, "-m", "pip", "--python", vpy, "install", "-q", "-r", out / "requirements.txt"],
+                         capture_output=True, text=True, timeout=240)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    check = subprocess.run([vpy, "-c", "import torch"], capture_output=True, text=True)
+    assert check.returncode != 0  # torch is really absent
+    check = subprocess.run([vpy, "-c", "import edgesr"], capture_output=True, text=True, cwd=tmp_path)
+    assert check.returncode != 0  # and so is edgesr
+
+    dev_json = tmp_path / "device.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([vpy, out / "edgesr_bench.py", "--threads", "1,2", "--runs", "3", "--warmup", "1",
+                           "--label", "fake-board", "--json", dev_json], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    doc = load_result(dev_json)
+    check_result_doc(doc, ["onnxruntime"], [1, 2])
+    assert doc["host"]["label"] == "fake-board"
+    assert doc["versions"]["onnxruntime"] and "torch" not in doc["versions"]
+
+    # back on the build machine: imported beside nothing, then beside a local run
+    png = tmp_path / "dev.png"
+    md = tmp_path / "dev.md"
+    rc, stdout, err = run_cli("bench", "--import", dev_json, "--plot", png, "--markdown", md)
+    assert rc == 0, err
+    assert is_png(png) and "fake-board" in md.read_text()
+    rc, stdout, err = run_cli("bench", tfl_path, "--threads", "1", "--runs", "2", "--warmup", "1", "--no-peak",
+                              "--import", dev_json, "--markdown", md)
+    assert rc == 0, err
+    text = md.read_text()
+    assert "fake-board" in text and "litert" in text and "onnxruntime" in text

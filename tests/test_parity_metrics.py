@@ -1,0 +1,153 @@
+"""Parity metrics, thresholds and the report (pure numpy; no models, no runtimes)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import real_image
+from edgesr.errors import EdgeSRError, ParityError
+from edgesr.runtime.parity import (
+    THRESHOLDS,
+    Metrics,
+    ParityCase,
+    ParityReport,
+    compare,
+    threshold_for,
+)
+
+
+def test_identical_outputs():
+    x = real_image(24, 20).numpy()
+    m = compare(x, x.copy())
+    assert m.max_abs == 0.0 and m.mean_abs == 0.0
+    assert m.psnr_db == math.inf
+    assert m.finite and m.ref_finite and m.out_finite
+    assert m.shape == (1, 3, 24, 20)
+
+
+def test_known_values():
+    ref = np.zeros((1, 3, 4, 4), np.float32)
+    out = ref.copy()
+    out[0, 0, 0, 0] = 0.1  # one pixel off by 0.1 out of 48 values
+    m = compare(ref, out)
+    assert m.max_abs == pytest.approx(0.1, rel=1e-6)
+    assert m.mean_abs == pytest.approx(0.1 / 48, rel=1e-6)
+    mse = 0.1**2 / 48
+    assert m.psnr_db == pytest.approx(10 * math.log10(1.0 / mse), rel=1e-6)  # peak 1.0
+
+
+def test_psnr_uses_peak_one_not_data_range():
+    # a dark image: PSNR must not depend on the reference's own max
+    ref = np.full((1, 3, 8, 8), 0.05, np.float32)
+    out = ref + np.float32(1e-3)
+    assert compare(ref, out).psnr_db == pytest.approx(60.0, abs=1e-3)
+
+
+def test_accepts_torch_tensors():
+    x = real_image(16, 16)
+    m = compare(x, x + 1e-5)
+    assert m.max_abs == pytest.approx(1e-5, rel=1e-2)
+
+
+def test_shape_mismatch_is_a_parity_error():
+    with pytest.raises(ParityError, match="shape"):
+        compare(np.zeros((1, 3, 8, 8)), np.zeros((1, 3, 8, 9)))
+    assert issubclass(ParityError, EdgeSRError)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_output_fails(bad):
+    ref = real_image(8, 8).numpy()
+    out = ref.copy()
+    out[0, 1, 2, 3] = bad
+    m = compare(ref, out)
+    assert not m.finite and not m.out_finite and m.ref_finite
+    assert m.max_abs == math.inf
+    assert not threshold_for("fp32").passes(m)
+    m2 = compare(out, ref)
+    assert not m2.ref_finite and m2.out_finite and not m2.finite
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    err=st.floats(0, 0.5, allow_nan=False),
+    seed=st.integers(0, 10_000),
+)
+def test_metrics_properties(h, w, err, seed):
+    rng = np.random.default_rng(seed)
+    ref = rng.random((1, 3, h, w), dtype=np.float32)
+    noise = (rng.random(ref.shape) * 2 - 1).astype(np.float32) * np.float32(err)
+    out = ref + noise
+    m = compare(ref, out)
+    d = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    assert m.max_abs == pytest.approx(d.max(), abs=1e-12)
+    assert 0 <= m.mean_abs <= m.max_abs
+    # PSNR >= the bound given by max-abs (mse <= max_abs^2)
+    if m.max_abs > 0:
+        assert m.psnr_db >= 10 * math.log10(1 / m.max_abs**2) - 1e-9
+    assert compare(out, ref).max_abs == m.max_abs  # symmetric
+
+
+def test_fp32_threshold_boundaries():
+    t = threshold_for("fp32")
+    assert t.in_use and t.max_abs == 1e-4
+    ref = np.zeros((1, 3, 4, 4), np.float64)
+    assert t.passes(compare(ref, ref + 0.9e-4))
+    assert not t.passes(compare(ref, ref + 1.1e-4))
+
+
+def test_placeholders_are_labelled_unused():
+    assert set(THRESHOLDS) == {"fp32", "fp16", "int8"}
+    for p in ("fp16", "int8"):
+        t = threshold_for(p)
+        assert not t.in_use and "not used" in t.note
+        assert t.max_abs > THRESHOLDS["fp32"].max_abs
+    with pytest.raises(ValueError, match="unknown precision"):
+        threshold_for("bf16")
+
+
+def _case(err: float, label: str = "random 8x8") -> ParityCase:
+    ref = np.zeros((1, 3, 8, 8), np.float32)
+    m = compare(ref, ref + np.float32(err))
+    return ParityCase(label, (8, 8), "torch", "onnxruntime", m, threshold_for("fp32").passes(m))
+
+
+def test_report_pass_fail_and_summary():
+    good = ParityReport("m.onnx", "onnx", "fp32", [_case(1e-6), _case(3e-6, "photo 8x8")], {"onnxruntime": "1.31.1"})
+    assert good.passed
+    assert good.summary().startswith("passed") and "3.00e-06" in good.summary()
+    bad = ParityReport("m.onnx", "onnx", "fp32", [_case(1e-6), _case(0.2)])
+    assert not bad.passed and bad.summary().startswith("FAILED")
+    assert bad.worst().metrics.max_abs == pytest.approx(0.2)
+    assert not ParityReport("m.onnx", "onnx").passed  # no cases: nothing proven
+
+
+def test_report_json_round_trip_is_strict_json():
+    same = ParityCase("identical", (8, 8), "torch", "torch", compare(np.ones((1, 3, 8, 8)), np.ones((1, 3, 8, 8))), True)
+    rep = ParityReport("m.tflite", "tflite", "fp32", [_case(2e-6), same], {"ai-edge-litert": "2.3.0"})
+    text = rep.to_json()
+    data = json.loads(text)  # allow_nan=False on dump: no Infinity tokens
+    assert "Infinity" not in text and data["cases"][1]["metrics"]["psnr_db"] == "inf"
+    assert data["threshold"]["max_abs"] == 1e-4 and data["passed"] is True
+    back = ParityReport.from_json(text)
+    assert back.cases[1].metrics.psnr_db == math.inf
+    assert back.to_dict() == rep.to_dict()
+
+
+def test_markdown_lists_every_case():
+    rep = ParityReport("m.onnx", "onnx", "fp32", [_case(1e-6, "noise"), _case(0.5, "photo")], {"torch": "2.13.0"})
+    md = rep.to_markdown()
+    assert "Parity FAILED" in md
+    assert md.count("| noise |") == 1 and md.count("| photo |") == 1
+    assert "**NO**" in md and "torch 2.13.0" in md and "1.00e-06" in md
+
+
+def test_metrics_dict_round_trip():
+    m = compare(np.zeros((1, 3, 2, 2)), np.full((1, 3, 2, 2), 0.25))
+    assert Metrics.from_dict(m.as_dict()) == m
