@@ -20,8 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Export efficient super-resolution networks to ONNX and TFLite with verified parity.",
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class Format(str, Enum):

@@ -35,7 +35,8 @@ FORMAT_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert"}
 RUNTIME_FORMAT = {v: k for k, v in FORMAT_RUNTIME.items()}
 TORCH_FORMS = {"torch-train": "train", "torch-folded": "folded", "torch-deploy": "deploy"}
 DEFAULT_SIZE = (256, 256)
-WORKER = [sys.executable, "-m", "edgesr.bench.worker"]
+# Run by path, not with -m: see worker.py (artifact cells then never import torch).
+WORKER = [sys.executable, str(Path(__file__).with_name("worker.py"))]
 
 
 @dataclass
@@ -95,7 +96,7 @@ class _Plan:
     cells: list[_Cell] = field(default_factory=list)
     exports: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     macs: dict = field(default_factory=dict)  # macs_key -> callable returning int | None
-    deployed: dict = field(default_factory=dict)  # (name, variant, scale, target) -> deploy-form module
+    deployed: dict = field(default_factory=dict)  # (name, variant, scale) -> folded module
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -223,6 +224,8 @@ def _execute(plan: _Plan, settings: BenchSettings, progress: Progress, resolve=N
             progress.step(cell.desc)
             error = resolve(cell) if resolve else None
             res = {"error": error} if error else db.run_child(WORKER, cell.job, timeout=settings.timeout)
+            if res.get("memory") is not None:
+                res["memory"]["torch_imported"] = res.get("torch_imported")
             doc["results"].append(db.cell_record(
                 runtime=cell.job["runtime"], family=family_of(cell.job["runtime"]), threads=cell.job["threads"],
                 input_hw=cell.job["input_shape"][2:], runs=settings.runs, warmup=settings.warmup,
@@ -261,8 +264,7 @@ def artifact_sizes(meta: dict, requested, path: Path) -> list[tuple[int, int]]:
 
         size = parse_size(static)
         if requested and any(tuple(s) != size for s in requested):
-            raise EdgeSRError(f"{path.name} has a static {size[0]}x{size[1]} input; it cannot run at other sizes "
-                              "(export one artifact per size, or use --model)")
+            raise EdgeSRError(f"{path.name} has a static {size[0]}x{size[1]} input (use --model for other sizes)")
         return [size]
     if dynamic:
         m, lo = int(meta.get("multiple_of", 1) or 1), int(meta.get("min_size", 1) or 1)
@@ -299,26 +301,35 @@ def _label(meta: dict) -> str | None:
     return f"{info['name']} {info['variant']} x{info['scale']}" if info else None
 
 
+_MACS: dict[tuple, int] = {}  # (name, variant, scale, target, hw) -> MACs; weights never change a count
+
+
 def _deploy_macs_fn(info: dict, target: str, hw: tuple[int, int], cache: dict, loaded=None):
-    """MACs of the deploy-form graph at ``hw`` (weights do not matter; random init is used)."""
+    """MACs of the deploy-form graph at ``hw`` (weights do not matter; random init is used).
+
+    ``cache`` keeps one folded model per architecture, so several targets cost one fold.
+    """
 
     def count() -> int | None:
         import torch
 
         from ..pipeline import obtain_model
-        from ..reparam import deploy
+        from ..reparam import fold, make_export_safe
         from ..stats import count_macs
 
         try:
             lm = loaded or obtain_model(info["name"], info.get("variant"), info.get("scale"), None)
         except EdgeSRError:
             return None  # artifact of a model this edgesr does not know
-        key = (info["name"], info.get("variant"), info.get("scale"), target)
-        if key not in cache:
-            cache[key] = deploy(lm.model, target)
-        model = cache[key]
+        key = (lm.spec.name, lm.variant, lm.scale, target, tuple(hw))
+        if key in _MACS:
+            return _MACS[key]
+        arch = key[:3]
+        if arch not in cache:
+            cache[arch] = fold(lm.model)[0]
         x = torch.rand(1, 3, *hw) * lm.spec.input_range
-        return int(count_macs(model, x))
+        _MACS[key] = int(count_macs(make_export_safe(cache[arch], target), x))
+        return _MACS[key]
 
     return count
 

@@ -22,8 +22,9 @@ Result format (``schema: "edgesr.bench/1"``) -- one JSON object:
 ``versions``   package versions of the runtimes used.
 ``settings``   runs, warmup, memory method.
 ``peaks``      one entry per (runtime family, threads): the GEMM probe measured through the
-               same runtime: ``family, threads, gemm{k,h,w,layers,m,n,macs}, latency_ms{...},
-               gflops`` (from the median), or ``error``.
+               same runtime: ``family, threads, gemm{k,h,w,layers,channels,m,n,macs},
+               latency_ms{...}, gflops`` (from the *fastest* run: a peak is a best case), or
+               ``error``.
 ``results``    one entry per cell (runtime x threads x input size):
     ``label, model, variant, scale, artifact, form`` (train|folded|deploy|artifact),
     ``runtime`` (torch-train|torch-folded|torch-deploy|onnxruntime|litert), ``family``
@@ -39,11 +40,14 @@ Result format (``schema: "edgesr.bench/1"``) -- one JSON object:
     ``memory {method, rss_before_load_mb, peak_rss_mb, run_peak_rss_mb, model_mb}``:
     every cell runs in its own process. ``rss_before_load_mb`` is its resident set after
     imports and after the input array exists, before the model is loaded;
-    ``peak_rss_mb`` its high-water mark over its whole life (ru_maxrss);
+    ``peak_rss_mb`` its high-water mark over its whole life (/proc VmHWM; ru_maxrss where
+    there is no /proc -- Linux's ru_maxrss would include the parent's size at fork);
     ``run_peak_rss_mb`` the high-water mark during the timed runs only (Linux: the peak
     is reset through /proc/self/clear_refs after loading and warm-up; null elsewhere);
     ``model_mb`` = (run_peak_rss_mb or peak_rss_mb) - rss_before_load_mb, i.e. what the
     loaded model, the runtime's arena and the activations cost beyond the bare process.
+    (``edgesr bench`` adds ``torch_imported``: false for onnxruntime/LiteRT cells, whose
+    worker process never loads PyTorch, as on a device.)
     ``error`` is null, or the one-line reason the cell could not run.
 """
 
@@ -68,7 +72,7 @@ SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)[1].split(".")[0]
 # Filled in by `edgesr bundle` (artifact name, layout, sizes, MACs, peak probe).
 BUNDLE = json.loads(r"""{}""")  # EDGESR-BUNDLE
 
-MEMORY_METHOD = "subprocess per cell; ru_maxrss and /proc VmHWM (reset after load+warm-up)"
+MEMORY_METHOD = "process per cell; /proc VmHWM over its life and over the timed runs (reset after load+warm-up)"
 FAMILY_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
@@ -126,7 +130,8 @@ def peak_record(*, family, threads, gemm, samples_s=None, runtime_version=None, 
            "latency_ms": None, "gflops": None, "error": error}
     if error is None and samples_s:
         rec["latency_ms"] = summarize(samples_s)
-        rec["gflops"] = gflops_of(gemm["macs"], rec["latency_ms"]["median"])
+        # A peak is a best case: the fastest run (cells report their median against it).
+        rec["gflops"] = gflops_of(gemm["macs"], rec["latency_ms"]["min"])
     return rec
 
 
@@ -240,6 +245,7 @@ def measure(make_runner, x, runs: int, warmup: int) -> dict:
         y = runner.run(x)
     gc.collect()
     _trim_heap()
+    load_peak = _proc_status_mb("VmHWM")  # imports + load + warm-up
     can_reset = reset_peak_rss()
     samples = []
     for _ in range(runs):
@@ -247,9 +253,10 @@ def measure(make_runner, x, runs: int, warmup: int) -> dict:
         y = runner.run(x)
         samples.append(time.perf_counter() - t0)
     run_peak = _proc_status_mb("VmHWM") if can_reset else None
-    life_peak = lifetime_peak_rss_mb()
-    if life_peak is not None and run_peak is not None:
-        life_peak = max(life_peak, run_peak)  # the two counters are sampled at slightly different times
+    if load_peak is not None:
+        life_peak = max(load_peak, run_peak or 0.0)
+    else:  # no /proc: ru_maxrss (on Linux it would also count the parent's size at fork, hence second choice)
+        life_peak = lifetime_peak_rss_mb()
     top = run_peak if run_peak is not None else life_peak
     memory = {
         "method": MEMORY_METHOD,

@@ -77,7 +77,8 @@ def rows(docs: Sequence[dict]) -> list[list[str]]:
 
 HEADERS = ["host", "model", "runtime", "threads", "input", "median ms", "p90 ms", "min ms", "out MP/s", "GMAC",
            "GFLOP/s", "% peak", "model MB", "proc peak MB"]
-PEAK_HEADERS = ["host", "runtime family", "threads", "sgemm GFLOP/s", "median ms", "GEMM (M x K x N, layers)"]
+PEAK_HEADERS = ["host", "runtime family", "threads", "sgemm GFLOP/s (best run)", "min ms", "median ms",
+                "GEMM (M x K x N, layers)"]
 
 
 def peak_rows(docs: Sequence[dict]) -> list[list[str]]:
@@ -87,10 +88,11 @@ def peak_rows(docs: Sequence[dict]) -> list[list[str]]:
             g = p.get("gemm") or {}
             shape = f"{g.get('m')} x {g.get('k')} x {g.get('n')}, {g.get('layers')}" if g else "-"
             if p.get("error"):
-                out.append([_host(doc), p["family"], str(p["threads"]), "error: " + p["error"], "", shape])
+                out.append([_host(doc), p["family"], str(p["threads"]), "error: " + p["error"], "", "", shape])
             else:
+                lat = p.get("latency_ms") or {}
                 out.append([_host(doc), p["family"], str(p["threads"]), _f(p["gflops"], ".1f"),
-                            fmt_ms((p.get("latency_ms") or {}).get("median")), shape])
+                            fmt_ms(lat.get("min")), fmt_ms(lat.get("median")), shape])
     return out
 
 
@@ -127,7 +129,7 @@ def markdown(docs: Sequence[dict]) -> str:
               "GFLOP/s = 2 x deploy-form MACs / median. % peak is against the same runtime family's sgemm at the "
               "same thread count. Memory: each cell runs in its own process; *model MB* is the resident-set "
               "high-water mark during the timed runs minus the resident set before the model was loaded; "
-              "*proc peak MB* is the process's lifetime high-water mark (ru_maxrss).", ""]
+              "*proc peak MB* is the process's lifetime high-water mark (VmHWM).", ""]
     return "\n".join(parts)
 
 

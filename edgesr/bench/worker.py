@@ -1,4 +1,4 @@
-"""One benchmark cell in its own process: ``python -m edgesr.bench.worker '<job json>'``.
+"""One benchmark cell in its own process: ``python <path>/edgesr/bench/worker.py '<job json>'``.
 
 A fresh process per cell gives honest memory figures (see ``device_bench`` for what
 they mean) and a clean thread setting.  Runners come from ``edgesr.runtime.runners``;
@@ -8,9 +8,45 @@ Job fields: ``kind`` (artifact|torch|peak), ``runtime``, ``threads``, ``input_sh
 ``runs``, ``warmup``; artifacts: ``path``; torch forms: ``model`` {name, variant,
 scale, weights, seed} (form from the runtime name); peaks: ``gemm`` {k,h,w,layers,channels}
 and ``path`` (probe model; none for torch).
+
+Run by path (not ``-m``) so that onnxruntime / LiteRT cells can import
+``edgesr.runtime.runners`` *without* ``edgesr/__init__`` (which imports torch): their
+process then holds what a device's would -- numpy, the runtime and the artifact -- and the
+memory figures are not inflated by an idle PyTorch.  If that light import ever fails the
+worker falls back to the ordinary import.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    import json as _json
+    import os as _os
+    import sys as _sys
+    import types as _types
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _root = _os.path.dirname(_os.path.dirname(_here))
+    if _sys.path and _os.path.abspath(_sys.path[0] or ".") == _here:
+        _sys.path[0] = _root  # never import sibling files as top-level modules
+    else:
+        _sys.path.insert(0, _root)
+    _job = _json.loads(_sys.argv[1])
+    _light = _job.get("kind") == "artifact" or (_job.get("kind") == "peak" and _job.get("runtime") != "torch")
+    if _light:
+        # Bare package objects: sub-modules import normally, package __init__s do not run.
+        for _name in ("edgesr", "edgesr.export", "edgesr.runtime"):
+            _mod = _types.ModuleType(_name)
+            _mod.__path__ = [_os.path.join(_root, *_name.split("."))]
+            _sys.modules[_name] = _mod
+        try:
+            from edgesr.bench import worker as _worker  # noqa: F401
+            from edgesr.runtime import runners as _runners  # noqa: F401
+        except ImportError:
+            for _name in [n for n in _sys.modules if n == "edgesr" or n.startswith("edgesr.")]:
+                del _sys.modules[_name]
+    from edgesr.bench.worker import main as _main
+
+    _sys.exit(_main(_sys.argv[1:]))
 
 import json
 import sys
@@ -86,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(argv[0])
     result = run_job(job)
+    result["torch_imported"] = "torch" in sys.modules
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,9 +18,8 @@ Train-time form
 
 Deploy form (``edgesr.deploy``) -- folds (exact) then export-safe rewrites, see the
 comment blocks above the rules at the bottom of this file.  The FFT bases are built per
-feature size, so the deploy form exports with static shapes only; it must have run once
-eagerly at the export size (or :func:`prepare_export` must have been called) so the bases
-exist as constants before ``torch.export`` traces it.
+feature size (lazily, see :class:`SafeFreMLP`), so the deploy form exports with static
+shapes only.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ExportError
 from ..reparam.rules import register_fold, register_rewrite
 from ..reparam.safe_ops import ChannelLayerNorm, ChannelNormShift, RealIRFFT2, RealRFFT2, unit_phase
 from .registry import ModelSpec, SizeRule, StateDict, Variant, register
@@ -277,19 +275,57 @@ class GlobalAvgPool2d(nn.Module):
         return x.mean(dim=(2, 3), keepdim=True)
 
 
-def _is_tracing(x: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return True
-    if isinstance(x, torch.fx.Proxy):
-        return True
-    return torch._guards.detect_fake_mode(x) is not None
-
-
 class _DFTPair(nn.Module):
+    """``RealRFFT2`` + ``RealIRFFT2`` (backward norm) for one feature size and dtype."""
+
     def __init__(self, h: int, w: int, dtype: torch.dtype):
         super().__init__()
         self.rfft = RealRFFT2(h, w, norm="backward", dtype=dtype)
         self.irfft = RealIRFFT2(h, w, norm="backward", dtype=dtype)
+
+
+_DFT_CACHE: dict[tuple, _DFTPair] = {}
+_DFT_CACHE_SIZE = 16  # one input size needs 4 (one per encoder level)
+
+
+@torch._dynamo.assume_constant_result
+def _build_dft(h: int, w: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Make sure ``_DFT_CACHE`` holds the bases of one size (LRU, bounded).
+
+    Under dynamo (strict export) this runs eagerly and its result is taken as a constant,
+    so the basis computation never enters the graph."""
+    key = (h, w, dtype, device)
+    pair = _DFT_CACHE.pop(key, None)
+    if pair is None:
+        while len(_DFT_CACHE) >= _DFT_CACHE_SIZE:
+            _DFT_CACHE.pop(next(iter(_DFT_CACHE)))
+        with torch.inference_mode(False), torch.no_grad():
+            pair = _DFTPair(h, w, dtype).to(device)
+    _DFT_CACHE[key] = pair  # most recently used last
+    return 0
+
+
+def dft_bases(h: int, w: int, dtype: torch.dtype, device: torch.device) -> _DFTPair:
+    """The (shared, cached) DFT modules of one feature size, with *real* constant bases.
+
+    - eager: built once per (H, W, dtype, device) and reused by every FreMLP of that size;
+    - strict export (dynamo): looked up via ``assume_constant_result``;
+    - non-strict export (fake tensors + proxy tracing; the ONNX and litert-torch paths):
+      built with fake mode and proxy tracing switched off.
+    In both export modes the exporter lifts the bases as constant tensors (shared by the
+    FreMLPs of one level) instead of recording the cos/sin computation or caching fakes.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        _build_dft(h, w, dtype, device)
+    elif torch.compiler.is_compiling():
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+        with unset_fake_temporarily(), disable_proxy_modes_tracing():
+            _build_dft(h, w, dtype, device)
+    else:
+        _build_dft(h, w, dtype, device)
+    return _DFT_CACHE[(h, w, dtype, device)]
 
 
 class SafeFreMLP(nn.Module):
@@ -301,40 +337,18 @@ class SafeFreMLP(nn.Module):
     ``|X|``; ``irfft2(mag' cos, mag' sin)``.  Exact vs the torch.fft original (fp64
     rounding level); no complex tensors.
 
-    Bases depend on the feature size (H, W), which is only known at call time.  They are
-    built lazily on the first *eager* call at a size and cached in ``self.dft`` (one
-    ``_DFTPair`` per size, in the input's dtype) so that ``torch.export`` later sees them
-    as ordinary module buffers, i.e. constants.  Building them while tracing would put the
-    cos/sin basis computation into the graph (or cache fake tensors), so a size that has
-    not been prepared raises :class:`ExportError` under tracing.  Call
-    :func:`prepare_export` (or simply run the model once) at the export size first.
+    The bases depend on the feature size (H, W), known only at call time; they come from
+    :func:`dft_bases` (a bounded module-level cache keyed by (H, W, dtype, device)), so the
+    module itself holds no size-dependent state, needs no preparation before export, and
+    an exported graph holds only matmuls against constant bases (no trig/arange ops).
     """
 
     def __init__(self, process1: nn.Sequential):
         super().__init__()
         self.process1 = process1
-        self.dft = nn.ModuleDict()
-
-    def bases(self, x: torch.Tensor) -> _DFTPair:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        # keyed by dtype too: a float32 basis cast by .double() is not a float64 basis
-        key = f"{h}x{w}_{str(x.dtype).split('.')[-1]}"
-        pair = self.dft[key] if key in self.dft else None
-        if pair is not None and all(b.dtype == x.dtype and b.device == x.device for b in pair.buffers()):
-            return pair
-        if _is_tracing(x):
-            raise ExportError(
-                f"DarkIR FreMLP has no DFT bases for a {h}x{w} feature map in {x.dtype}; run the "
-                f"deploy model once eagerly at the export size (edgesr.models.darkir.prepare_export) "
-                f"before exporting"
-            )
-        with torch.inference_mode(False), torch.no_grad():
-            pair = _DFTPair(h, w, x.dtype).to(x.device)
-        self.dft[key] = pair
-        return pair
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pair = self.bases(x)
+        pair = dft_bases(int(x.shape[-2]), int(x.shape[-1]), x.dtype, x.device)
         re, im = pair.rfft(x)
         mag = torch.sqrt(re * re + im * im)
         cos, sin = unit_phase(re, im)
@@ -404,26 +418,6 @@ class DBlockDeploy(nn.Module):
         x = self.sca(self.pool(z)) * z
         y = inp + self.conv3(x)
         return y + self.conv5(self.sg(self.conv4(self.norm2(y))))
-
-
-@torch.no_grad()
-def prepare_export(model: nn.Module, height: int, width: int) -> nn.Module:
-    """Build (eagerly) every size-dependent constant of a deploy form for one input size.
-
-    Drops bases cached for other sizes (they would be dead constants in the artifact),
-    then runs one forward on a ramp of the model's dtype/device (the values do not
-    matter, only the shapes).  Returns the model.
-    """
-    for m in model.modules():
-        if isinstance(m, SafeFreMLP):
-            m.dft.clear()
-    p = next(model.parameters())
-    x = torch.linspace(0.1, 0.9, 3 * height * width, dtype=p.dtype, device=p.device).reshape(1, 3, height, width)
-    was = model.training
-    model.eval()
-    model(x)
-    model.train(was)
-    return model
 
 
 # =====================================================================================

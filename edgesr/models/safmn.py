@@ -40,6 +40,11 @@ Sizes: the train form accepts any ``H, W >= 8`` (``h // 8 >= 1``) and reproduces
 adaptive pooling windows at non-divisible sizes exactly.  The deploy form replaces the
 adaptive pools by fixed ``k x k`` windows (exact only for multiples of 8), hence the
 spec's size rule ``multiple_of=8, min 8``; other sizes raise ``SizeRuleError``.
+Dynamic export: declare H/W as ``8 * Dim(...)``.  torch.export assumes symbolic sizes
+>= 2 (its 0/1 specialisation), and resizing a 1x1 pooled map adds a memory-format guard,
+so a dynamic program serves every multiple of 8 from 16 up (8 x 16 works too); the
+8 x 8 minimum needs a static export.  A plain ``Dim`` fails capture with torch's
+constraint-violation message naming the ``% 8`` guard.
 """
 
 from __future__ import annotations
@@ -472,7 +477,9 @@ def _detect_safmn(sd: StateDict) -> tuple[str, int] | None:
     dim = _to_feat_dim(sd)
     if dim is None or _shape(sd, "to_feat.bias") != (dim,):
         return None
-    if _shape(sd, "feats.0.norm1.weight") != (dim,) or _shape(sd, "feats.0.safm.aggr.weight") != (dim, dim, 1, 1):
+    if _shape(sd, "feats.0.norm1.weight") != (dim,):
+        return None
+    if _shape(sd, "feats.0.safm.aggr.weight") != (dim, dim, 1, 1):
         return None
     hid = _shape(sd, "feats.0.ccm.ccm.0.weight")
     n, scale = _n_blocks(sd), _scale(sd, dim)
@@ -569,7 +576,12 @@ SAFMN_SPEC = register(
         input_range=1.0,
         size_rule=_DEPLOY_SIZES,
         dynamic_shapes=True,
-        signature_keys=("to_feat.weight", "feats.0.norm1.weight", "feats.0.safm.aggr.weight", "to_img.0.weight"),
+        signature_keys=(
+            "to_feat.weight",
+            "feats.0.norm1.weight",
+            "feats.0.safm.aggr.weight",
+            "to_img.0.weight",
+        ),
     )
 )
 
@@ -584,7 +596,12 @@ SAFMNPP_SPEC = register(
         input_range=1.0,
         size_rule=_DEPLOY_SIZES,
         dynamic_shapes=True,
-        signature_keys=("to_feat.weight", "feats.0.conv1.proj.weight", "feats.0.conv1.dwconv.weight", "to_img.0.weight"),
+        signature_keys=(
+            "to_feat.weight",
+            "feats.0.conv1.proj.weight",
+            "feats.0.conv1.dwconv.weight",
+            "to_img.0.weight",
+        ),
         aliases=("safmn_pp", "safmnplusplus"),
     )
 )

@@ -61,10 +61,12 @@ def conv3xc_fold(
     """
     dt = w2.dtype
     w1, b1, w2, b2, w3, b3, ws, bs = (t.double() for t in (w1, b1, w2, b2, w3, b3, ws, bs))
-    a1 = w1[:, :, 0, 0]  # (m1, ci)
-    a3 = w3[:, :, 0, 0]  # (co, m2)
-    k = torch.einsum("om,mnij->onij", a3, w2)
-    k = torch.einsum("onij,nc->ocij", k, a1)
+    m2, m1 = w2.shape[0], w2.shape[1]
+    co, ci = w3.shape[0], w1.shape[1]
+    a1 = w1.reshape(m1, ci)
+    a3 = w3.reshape(co, m2)
+    k = (a3 @ w2.reshape(m2, m1 * 9)).view(co, m1, 9)  # W3 . W2
+    k = (k.transpose(1, 2) @ a1).transpose(1, 2).reshape(co, ci, 3, 3)  # ... . W1
     k = k + F.pad(ws, (1, 1, 1, 1))
     b = a3 @ (w2.sum((2, 3)) @ b1 + b2) + b3 + bs
     return k.to(dt).contiguous(), b.to(dt)

@@ -20,10 +20,14 @@ the official model does, but ``forward`` never uses them.
 
 Non-Hermitian spectra.  The 1x1 conv + GELU between ``rfft2`` and ``irfft2`` produces a
 spectrum whose DC/Nyquist columns are not Hermitian.  The canonical definition here is
-torch-CPU / numpy semantics: full complex inverse along H, C2R along W ignoring the
-imaginary parts of the DC (and, for even W, Nyquist) columns.  CUDA ``irfft2`` is known
-to treat such input differently (pytorch#154496, #104867); SRConvNet was most likely
-trained with the legacy CUDA ``torch.irfft``, which is not reproducible here.
+torch-CPU / numpy semantics: full complex inverse along H, then C2R along W, which
+ignores the imaginary parts of the DC (and, for even W, Nyquist) columns *after* the H
+inverse.  Equivalently, those spectrum columns are replaced by their Hermitian part
+along H, ``(Z[m] + conj(Z[-m])) / 2`` (tests/test_srconvnet.py checks both forms).  A
+backend that instead rebuilds half of those columns from the other half, as a
+Hermitian-assuming 2-D C2R may, gives different outputs: CUDA ``irfft2`` is known to
+differ on such input (pytorch#154496, #104867), and SRConvNet was most likely trained
+with the legacy CUDA ``torch.irfft``.  Not checked on a GPU here.
 
 Deploy form (``edgesr.deploy``): folds drop the MeanShift modules and replace the
 channel interleave before ``proj_out`` by a concat plus permuted ``proj_out`` columns;
@@ -457,8 +461,10 @@ class SafeFourierUnit(nn.Module):
       an eager reference forward at the export size anyway);
     - ``torch.export`` (strict or not) with no bases for the traced size: they are built
       outside the graph (:func:`_trace_time_dft`) and enter the exported program as
-      constant tensors, shared by all units of the same size.  Either way the graph holds no trig/arange ops, only matmuls
-      against constants.
+      constant tensors, shared by all units of the same size.
+
+    Either way the graph holds no trig/arange ops, only matmuls against constants.  For
+    B > 1 nothing changes (the DFT is applied per (batch, channel) plane).
     """
 
     def __init__(self, m: FourierUnit):

@@ -19,11 +19,16 @@ i.e. a length-N1 DFT matmul, then a length-N2 DFT matmul whose basis depends on
 k1 (the twiddle factors are folded into that batched basis, so there is no
 separate twiddle multiply).  Cost per line is ~N*(N1+N2) MACs instead of N^2.
 A prime N (or N = 1) uses a single direct DFT matmul.  Only one split level is
-used: at N <= 1024 both factors are <= 32, and a further split trades a few
-MACs for an extra full memory pass (see ``benchmarks/safe_ops.py``).
+used: at N <= 1024 both factors are <= 32 and each stage is a small-K matmul that
+is already close to memory-bound, so a further split would trade MACs for more
+full passes over the tensor (one more matmul and one more permute per level).
 
 Complex values are carried as a size-2 "ri" axis adjacent to the axis being
 contracted, so a complex matmul is one real matmul with a (2*Nin, 2*Nout) basis.
+Between matmuls, each permute moves a single axis and keeps the innermost axis
+(w2 or ri) in place: onnxruntime has block-copy fast paths for exactly that, and
+its generic Transpose was measured 5-10x slower here.  A round trip costs
+4 + 4 matmuls, ~5 + 5 such permutes and a slice/stack for re/im.
 The W axis exploits the real input (the first W stage maps real -> complex) and
 computes only the k2 needed for the W//2+1 kept bins; the inverse mirrors this
 (the last W stage produces only the real part).  Normalisation and the C2R
@@ -45,8 +50,8 @@ _NORMS = ("backward", "ortho", "forward")
 def split_factor(n: int) -> int:
     """Return the major factor N1 of the Cooley-Tukey split n = N1*N2 used here.
 
-    N1 is the divisor closest to sqrt(n) (ties: the smaller).  Returns n itself
-    (no split, direct DFT) when n is 1 or prime.
+    N1 is the largest divisor <= sqrt(n), which minimises the cost ~ N1 + N2.
+    Returns n itself (no split, direct DFT) when n is 1 or prime.
     """
     best = n
     for d in range(2, math.isqrt(n) + 1):
@@ -178,8 +183,6 @@ class RealRFFT2(_DFT2Base):
         if tuple(x.shape[-2:]) != (H, self.width):
             raise ValueError(f"expected (..., {H}, {self.width}), got {tuple(x.shape)}")
         # Layout comments name axes major -> minor; [a b] is a merged matmul axis.
-        # Every permute keeps the innermost axis: onnxruntime's Transpose is ~10x slower
-        # when the innermost axis changes (except for large plain 2-D transposes).
         if self.w2 > 1:
             t = _rearrange(x, "m h1 h2 w1 w2", "m w1 h2 h1 w2", sz)
             t = torch.matmul(self.wa, t.reshape(-1, self.w1, H * self.w2))  # m [ri kw1] h w2
@@ -266,7 +269,8 @@ class RealIRFFT2(_DFT2Base):
         if tuple(re.shape[-2:]) != (H, self.wf) or re.shape != im.shape:
             raise ValueError(f"expected re, im of shape (..., {H}, {self.wf}), "
                              f"got {tuple(re.shape)} and {tuple(im.shape)}")
-        # The mirror image of RealRFFT2.forward (same moves, reversed).
+        # The mirror image of RealRFFT2.forward (the same moves in reverse) up to the
+        # last W stage.
         t = torch.stack((re.reshape(-1, H, self.wf), im.reshape(-1, H, self.wf)), dim=-1)
         if self.kwp != self.wf:
             t = nn.functional.pad(t, (0, 0, 0, self.kwp - self.wf))
@@ -274,13 +278,14 @@ class RealIRFFT2(_DFT2Base):
         if self.h2 > 1:
             t = _rearrange(t, "m h2 h1 kw ri", "m h1 kw h2 ri", sz)
             t = torch.matmul(t.reshape(-1, self.h1, self.kwp, 2 * self.h2), self.h1b)
-        t = _rearrange(t, "m h1 kw h2 ri", "m kw h2 h1 ri", sz)   # m kh1 kw [h2 ri] -> ..
+        t = _rearrange(t, "m h1 kw h2 ri", "m kw h2 h1 ri", sz)   # m kw h2 [kh1 ri]
         t = torch.matmul(t.reshape(-1, 2 * self.h1), self.h2b)  # m kw h2 [h1 ri]
         if self.w2 > 1:
             t = _rearrange(t, "m kw2 kw1 h ri", "m kw1 h kw2 ri", sz)
             t = torch.matmul(t.reshape(-1, self.kw1, H, 2 * self.kw2), self.w1b)  # m kw1 h [ri w2]
-            # Not the mirror of the forward here: that move (ri outwards over 64-byte
-            # blocks) hits a slow generic path in onnxruntime; many small matmuls are cheap.
+            # Not the mirror of the forward: that move (ri outwards over w2-float blocks)
+            # hits a slow generic path in onnxruntime, while a batch of small matmuls
+            # (rows w1, K = 2*kw1, cols w2) runs at full speed there.
             t = _rearrange(t, "m kw1 h ri w2", "m h kw1 ri w2", sz)
             t = torch.matmul(self.w2b, t.reshape(-1, 2 * self.kw1, self.w2))  # m h2 h1 w1 w2
             t = _rearrange(t, "m h2 h1 w", "m h1 h2 w", sz)
@@ -295,14 +300,19 @@ def unit_phase(re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(cos, sin) of ``angle(re + i*im)`` without atan2/cos/sin.
 
     cos = re/|z| and sin = im/|z| where |z| > 0; at an exactly zero bin (1, 0),
-    i.e. angle 0, which is what torch gives for (+0, +0).
+    i.e. angle 0, which is what torch gives for (+0, +0).  (For (-0, +-0) torch
+    says angle +-pi; the sign of a zero is backend-dependent, so exactly-zero bins
+    are treated as undefined in parity tests, see spec section 3.)
+    |z| is sqrt(re^2 + im^2): in float32 a bin below ~1e-19 loses precision and one
+    below ~1e-23 counts as zero (its square underflows), far below any meaningful
+    spectrum value.
     """
-    m = torch.sqrt(re * re + im * im)
+    m2 = re * re + im * im
     # No eps in the denominator: an eps would perturb every bin (relative error eps/|z|,
     # large for the many tiny high-frequency bins) and give 0 instead of 1 at zero bins.
-    # Dividing by `safe` (1 where |z| == 0) keeps the unselected branch free of 0/0 NaNs,
-    # which would otherwise leak into gradients through `where`.
-    pos = m > 0
-    one = torch.ones_like(m)
-    safe = torch.where(pos, m, one)
-    return torch.where(pos, re / safe, one), torch.where(pos, im / safe, torch.zeros_like(m))
+    # sqrt only ever sees positive values (1 where |z| == 0), so neither the unselected
+    # branch nor the gradient of sqrt at 0 produces NaN.
+    pos = m2 > 0
+    one = torch.ones_like(m2)
+    m = torch.sqrt(torch.where(pos, m2, one))
+    return torch.where(pos, re / m, one), torch.where(pos, im / m, torch.zeros_like(m2))

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def tools_dir() -> Path:
     return d
 
 
-def ensure_rootfs(cpu: str = "neoverse-n1") -> Path:
+def ensure_rootfs(cpu: str = "neoverse-n1", timeout: float = 1800.0) -> Path:
     """Build (first time, ~1 min) or find the cached aarch64 root; return the ``-L`` prefix.
 
     Pins the aarch64 wheels to this interpreter's numpy/onnxruntime/ai-edge-litert versions.
@@ -56,16 +57,35 @@ def ensure_rootfs(cpu: str = "neoverse-n1") -> Path:
         raise Aarch64Error(f"unsupported cpu {cpu!r}; choose one of {', '.join(CPUS)}")
     cmd = ["bash", str(tools_dir() / "build_rootfs.sh"), "--cpu", cpu, "--python", sys.executable]
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     except OSError as e:
         raise Aarch64Error(f"cannot run {cmd[1]}: {e}") from e
+    # a hung download must not hang the caller: kill the script and its apt/pip children
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
     tail: deque[str] = deque(maxlen=6)
     assert proc.stderr is not None and proc.stdout is not None
-    for line in proc.stderr:  # the build's progress, shown as it happens
-        sys.stderr.write(line)
-        tail.append(line)
-    out = proc.stdout.read().strip().splitlines()
-    if proc.wait() != 0 or not out:
+    try:
+        for line in proc.stderr:  # the build's progress, shown as it happens
+            sys.stderr.write(line)
+            tail.append(line)
+        out = proc.stdout.read().strip().splitlines()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    if timed_out.is_set():
+        raise Aarch64Error(f"building the aarch64 rootfs timed out after {timeout:g} s: {_one_line(tail)}")
+    if proc.returncode != 0 or not out:
         raise Aarch64Error(f"building the aarch64 rootfs failed (exit {proc.returncode}): {_one_line(tail)}")
     root = Path(out[-1])
     if not (root / "usr/bin/python3.11").exists():
@@ -99,6 +119,7 @@ class Aarch64Runner:
         self.cpu = cpu
         self.timeout = timeout
         self.root = ensure_rootfs(cpu)
+        self._arm_exec = tools_dir() / "arm_exec.py"
         self.qemu = shutil.which("qemu-aarch64-static")
         if self.qemu is None:
             raise Aarch64Error("qemu-aarch64-static not found on PATH (apt-get install qemu-user-static)")
@@ -125,7 +146,7 @@ class Aarch64Runner:
                 np.save(inputs[-1], x)
             report_path = tmp / "report.json"
             cmd = [self.qemu, "-L", str(self.root), str(self.root / "usr/bin/python3.11"), "-I",
-                   str(tools_dir() / "arm_exec.py"), str(self.artifact), *map(str, inputs),
+                   str(self._arm_exec), str(self.artifact), *map(str, inputs),
                    "--layout", self.layout, "--threads", str(self.threads),
                    "--out-dir", str(tmp / "out"), "--report", str(report_path)]
             # a clean environment: host LD_*/PYTHON*/OMP_* settings must not reach the guest
@@ -140,8 +161,12 @@ class Aarch64Runner:
                 raise Aarch64Error(f"cannot start {self.qemu}: {e}") from e
             if proc.returncode != 0:
                 rc = proc.returncode
-                how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
-                tail = _one_line(proc.stderr.splitlines()[-5:]) or "(no stderr)"
+                how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+                lines = proc.stderr.splitlines()
+                # arm_exec.py ends a Python failure with one "arm_exec: ..." line; a crash
+                # (e.g. "qemu: uncaught target signal 11") leaves only the raw tail
+                summary = [s for s in lines if s.startswith("arm_exec: ")][-1:]
+                tail = _one_line(summary or lines[-5:]) or "(no stderr)"
                 raise Aarch64Error(f"aarch64 run of {self.artifact.name} on {self.cpu} failed ({how}): {tail}")
             try:
                 report = json.loads(report_path.read_text())

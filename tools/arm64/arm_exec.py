@@ -150,5 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _main() -> int:
+    try:
+        return main()
+    except Exception as e:  # traceback for the log, then one summary line the caller reports
+        import traceback
+
+        traceback.print_exc()
+        msg = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"arm_exec: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())
