@@ -82,7 +82,8 @@ def check_result_doc(doc, runtimes, threads):
         # throughput and GFLOP/s follow from the median
         assert r["throughput_mpix_s"] == pytest.approx(r["output_mpix"] / (lat["median"] / 1e3), rel=1e-9)
         assert r["gflops"] == pytest.approx(2 * r["macs"] / (lat["median"] / 1e3) / 1e9, rel=1e-9)
-        assert 0 < r["pct_of_peak"] < 110, r
+        # < 100 + a margin: the cell and its sgemm probe are timed at different moments on a shared machine
+        assert 0 < r["pct_of_peak"] < 120, (r["runtime"], r["threads"], r["gflops"], r["peak_gflops"])
         mem = r["memory"]
         assert mem["rss_before_load_mb"] > 5 and mem["peak_rss_mb"] >= mem["rss_before_load_mb"]
         assert mem["model_mb"] >= 0

@@ -340,17 +340,31 @@ def test_safe_fremlp_fp32_and_shared_bases():
 
 
 def test_safe_fremlp_nonstrict_export_constants():
-    """Non-strict capture (the ONNX / litert-torch path) of a size never run eagerly."""
+    """Non-strict capture (the ONNX / litert-torch path) at sizes never run eagerly, two
+    levels in one graph, then the decomposition the ONNX exporter runs."""
     torch.manual_seed(2)
-    m = D.FreMLP(3).eval()
-    s = edgesr.make_export_safe(m)
-    x = torch.randn(1, 3, 13, 19)
-    ep = torch.export.export(s, (x,), strict=False)
+
+    class TwoLevels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = edgesr.make_export_safe(D.FreMLP(3))
+            self.b = edgesr.make_export_safe(D.FreMLP(3))
+
+        def forward(self, x):
+            return self.b(self.a(x)[:, :, ::2, ::2])
+
+    m = TwoLevels().eval()
+    x = torch.randn(1, 3, 26, 14)  # 26x14 and 13x7: sizes no other test uses (cold cache)
+    ep = torch.export.export(m, (x,), strict=False)
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert not [o for o in ops if any(b in o for b in ("cos", "sin", "arange", "remainder", "fft", "complex"))], ops
-    assert len(ep.constants) >= 4  # the bases, lifted as constants
+    assert not [o for o in ops if any(b in o for b in ("cos", "sin", "arange", "remainder", "fft", "complex", "grad"))], ops
+    cpu = torch.device("cpu")
+    n_bases = sum(len(list(D.dft_bases(h, w, torch.float32, cpu).buffers())) for h, w in ((26, 14), (13, 7)))
+    assert len(ep.constants) == n_bases  # the bases of both sizes, lifted as constants
+    ep = ep.run_decompositions()
     with torch.no_grad():
-        assert (ep.module()(x) - m(x)).abs().max() <= 1e-5 * max(1.0, float(m(x).abs().max()))
+        ref = m(x)
+        assert (ep.module()(x) - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
 
 
 def test_layernorm_rewrite_bit_exact():
@@ -390,7 +404,7 @@ def test_dblock_fold_fp64(c, h, w, seed):
     # the grouped conv is gone: every conv is dense or depthwise
     for m in folded.modules():
         if isinstance(m, nn.Conv2d):
-            assert m.groups == 1 or m.groups == m.in_channels == m.out_channels
+            assert m.groups == 1 or m.groups == m.in_channels  # dense or depthwise (multiplier 1 or 2)
     x = torch.randn(1, c, h, w, dtype=torch.float64)
     with torch.no_grad():
         ref, out = blk(x), folded(x)

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgesr.reparam.dft import RealIRFFT2, RealRFFT2, split_factor, unit_phase
+from edgesr.reparam.dft import DIRECT_MAX, RealIRFFT2, RealRFFT2, split_factor, unit_phase
 
 NORMS = ("backward", "ortho", "forward")
 # 1, 2, tiny, primes (direct matmul), odd composites, powers of two, mixed.
@@ -28,6 +28,9 @@ FP32_TOL = 1e-5
 dims = st.integers(min_value=1, max_value=96)
 leads = st.sampled_from([(), (3,), (2, 3), (1, 1, 2)])
 norms = st.sampled_from(NORMS)
+# 1: split every composite axis (exercises the Cooley-Tukey path at small sizes);
+# DIRECT_MAX: the default (direct matmul up to 64).
+direct = st.sampled_from([1, DIRECT_MAX])
 fast = settings(max_examples=25, deadline=None)
 
 
@@ -36,11 +39,11 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
-def _check_rfft2(lead, h, w, norm, dtype, tol, seed=0):
+def _check_rfft2(lead, h, w, norm, dtype, tol, seed=0, direct_max=DIRECT_MAX):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, h, w, generator=g, dtype=torch.float64)
     ref = torch.fft.rfft2(x, norm=norm)
-    re, im = RealRFFT2(h, w, norm, dtype=dtype)(x.to(dtype))
+    re, im = RealRFFT2(h, w, norm, dtype=dtype, direct_max=direct_max)(x.to(dtype))
     assert re.shape == im.shape == ref.shape and re.dtype == dtype
     err = max(_rel(re, ref.real), _rel(im, ref.imag))
     assert err <= tol, (lead, h, w, norm, err)
@@ -53,59 +56,64 @@ def _spectrum(lead, h, w, seed, dtype=torch.float64):
     return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
 
 
-def _check_irfft2(lead, h, w, norm, dtype, tol, seed=0):
+def _check_irfft2(lead, h, w, norm, dtype, tol, seed=0, direct_max=DIRECT_MAX):
     zr, zi = _spectrum(lead, h, w, seed)
     ref = torch.fft.irfft2(torch.complex(zr, zi), s=(h, w), norm=norm)
     ref_np = np.fft.irfft2(zr.numpy() + 1j * zi.numpy(), s=(h, w), norm=norm)
-    y = RealIRFFT2(h, w, norm, dtype=dtype)(zr.to(dtype), zi.to(dtype))
+    y = RealIRFFT2(h, w, norm, dtype=dtype, direct_max=direct_max)(zr.to(dtype), zi.to(dtype))
     assert y.shape == ref.shape and y.dtype == dtype
     err = max(_rel(y, ref), _rel(y, torch.from_numpy(ref_np)))
     assert err <= tol, (lead, h, w, norm, err)
 
 
 # --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("direct_max", [1, DIRECT_MAX])
 @pytest.mark.parametrize("h, w", SHAPES)
-def test_rfft2_fp64_matches_torch(h, w):
+def test_rfft2_fp64_matches_torch(h, w, direct_max):
     for norm in NORMS:
-        _check_rfft2((2,), h, w, norm, torch.float64, FP64_TOL)
+        _check_rfft2((2,), h, w, norm, torch.float64, FP64_TOL, direct_max=direct_max)
 
 
+@pytest.mark.parametrize("direct_max", [1, DIRECT_MAX])
 @pytest.mark.parametrize("h, w", SHAPES)
-def test_irfft2_fp64_non_hermitian_matches_torch_cpu_and_numpy(h, w):
+def test_irfft2_fp64_non_hermitian_matches_torch_cpu_and_numpy(h, w, direct_max):
     for norm in NORMS:
-        _check_irfft2((2,), h, w, norm, torch.float64, FP64_TOL)
+        _check_irfft2((2,), h, w, norm, torch.float64, FP64_TOL, direct_max=direct_max)
 
 
+@pytest.mark.parametrize("direct_max", [1, DIRECT_MAX])
 @pytest.mark.parametrize("h, w", [(1, 1), (2, 2), (7, 13), (33, 47), (64, 64), (128, 128)])
 @pytest.mark.parametrize("norm", ["backward", "ortho"])
-def test_fp32_rounding_level(h, w, norm):
-    _check_rfft2((1, 3), h, w, norm, torch.float32, FP32_TOL)
-    _check_irfft2((1, 3), h, w, norm, torch.float32, FP32_TOL)
+def test_fp32_rounding_level(h, w, norm, direct_max):
+    _check_rfft2((1, 3), h, w, norm, torch.float32, FP32_TOL, direct_max=direct_max)
+    _check_irfft2((1, 3), h, w, norm, torch.float32, FP32_TOL, direct_max=direct_max)
 
 
 @fast
-@given(lead=leads, h=dims, w=dims, norm=norms, seed=st.integers(0, 2**16))
-def test_rfft2_fp64_property(lead, h, w, norm, seed):
-    _check_rfft2(lead, h, w, norm, torch.float64, FP64_TOL, seed)
+@given(lead=leads, h=dims, w=dims, norm=norms, seed=st.integers(0, 2**16), direct_max=direct)
+def test_rfft2_fp64_property(lead, h, w, norm, seed, direct_max):
+    _check_rfft2(lead, h, w, norm, torch.float64, FP64_TOL, seed, direct_max)
 
 
 @fast
-@given(lead=leads, h=dims, w=dims, norm=norms, seed=st.integers(0, 2**16))
-def test_irfft2_fp64_property(lead, h, w, norm, seed):
-    _check_irfft2(lead, h, w, norm, torch.float64, FP64_TOL, seed)
+@given(lead=leads, h=dims, w=dims, norm=norms, seed=st.integers(0, 2**16), direct_max=direct)
+def test_irfft2_fp64_property(lead, h, w, norm, seed, direct_max):
+    _check_irfft2(lead, h, w, norm, torch.float64, FP64_TOL, seed, direct_max)
 
 
 @settings(max_examples=15, deadline=None)
-@given(h=dims, w=dims, norm=st.sampled_from(["backward", "ortho"]), seed=st.integers(0, 2**16))
-def test_fp32_property(h, w, norm, seed):
-    _check_rfft2((2,), h, w, norm, torch.float32, FP32_TOL, seed)
-    _check_irfft2((2,), h, w, norm, torch.float32, FP32_TOL, seed)
+@given(h=dims, w=dims, norm=st.sampled_from(["backward", "ortho"]), seed=st.integers(0, 2**16),
+       direct_max=direct)
+def test_fp32_property(h, w, norm, seed, direct_max):
+    _check_rfft2((2,), h, w, norm, torch.float32, FP32_TOL, seed, direct_max)
+    _check_irfft2((2,), h, w, norm, torch.float32, FP32_TOL, seed, direct_max)
 
 
 @pytest.mark.parametrize("h, w", [(1, 1), (5, 2), (33, 47), (64, 64)])
 def test_round_trip_and_dc_nyquist_imag_ignored(h, w):
     x = torch.randn(3, h, w, dtype=torch.float64)
-    f, g = RealRFFT2(h, w, "ortho", torch.float64), RealIRFFT2(h, w, "ortho", torch.float64)
+    f = RealRFFT2(h, w, "ortho", torch.float64, direct_max=1)
+    g = RealIRFFT2(h, w, "ortho", torch.float64, direct_max=1)
     assert _rel(g(*f(x)), x) <= FP64_TOL
     # After the full complex inverse along H, the imaginary parts of the DC and (even W)
     # Nyquist columns do not reach the output: add P = i*DFT_H(r) (r real), whose
@@ -121,26 +129,30 @@ def test_round_trip_and_dc_nyquist_imag_ignored(h, w):
 
 
 def test_unfactorized_equals_factorized():
-    for h, w in [(12, 18), (33, 47), (64, 64)]:
+    for h, w in [(12, 18), (33, 47), (64, 64), (65, 96)]:
         x = torch.randn(2, h, w, dtype=torch.float64)
         zr, zi = _spectrum((2,), h, w, 2)
-        fa = RealRFFT2(h, w, dtype=torch.float64)
+        fa = RealRFFT2(h, w, dtype=torch.float64, direct_max=1)
         fd = RealRFFT2(h, w, dtype=torch.float64, factorize=False)
-        assert (fd.h1, fd.w1) == (h, w) and fa.h1 * fa.h2 == h
+        assert (fd.h1, fd.w1) == (h, w) and (fa.h1, fa.w1) == (split_factor(h), split_factor(w))
         for a, b in zip(fa(x), fd(x)):
             assert _rel(a, b) <= FP64_TOL
-        ga = RealIRFFT2(h, w, dtype=torch.float64)
+        ga = RealIRFFT2(h, w, dtype=torch.float64, direct_max=1)
         gd = RealIRFFT2(h, w, dtype=torch.float64, factorize=False)
         assert _rel(ga(zr, zi), gd(zr, zi)) <= FP64_TOL
 
 
-def test_split_factor():
+def test_split_factor_and_default_plan():
     assert [split_factor(n) for n in (1, 2, 3, 4, 6, 12, 47, 64, 100, 256, 1024, 1018)] == \
         [1, 2, 3, 2, 2, 3, 47, 8, 10, 16, 32, 2]
+    m = RealRFFT2(64, 180)  # default: direct up to DIRECT_MAX, split above
+    assert (m.h1, m.h2, m.w1, m.w2) == (64, 1, 12, 15)
+    m = RealIRFFT2(256, 127)  # prime: direct
+    assert (m.h1, m.h2, m.w1, m.w2) == (16, 16, 127, 1)
 
 
 def test_buffers_contiguous_distinct_and_not_in_state_dict():
-    for mod in (RealRFFT2(64, 64), RealIRFFT2(33, 47), RealRFFT2(47, 1)):
+    for mod in (RealRFFT2(64, 64, direct_max=1), RealIRFFT2(33, 47, direct_max=1), RealRFFT2(47, 1)):
         bufs = list(mod.buffers())
         assert bufs and mod.state_dict() == {}
         assert all(b.is_contiguous() and b.dtype == torch.float32 for b in bufs)
@@ -195,22 +207,23 @@ def test_unit_phase_gradient_is_finite_at_zero():
 class _Both(torch.nn.Module):
     """rfft2 of x and (independently) irfft2 of a non-Hermitian spectrum, one graph."""
 
-    def __init__(self, h, w, norm="ortho"):
+    def __init__(self, h, w, direct_max, norm="ortho"):
         super().__init__()
-        self.f, self.g = RealRFFT2(h, w, norm), RealIRFFT2(h, w, norm)
+        self.f = RealRFFT2(h, w, norm, direct_max=direct_max)
+        self.g = RealIRFFT2(h, w, norm, direct_max=direct_max)
 
     def forward(self, x, zr, zi):
         re, im = self.f(x)
         return re, im, self.g(zr, zi)
 
 
-def _export_case(h, w, seed=0):
+def _export_case(h, w, direct_max, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, h, w, generator=g)
     zr, zi = _spectrum((1, 4), h, w, seed + 1, torch.float32)
     ref_f = torch.fft.rfft2(x.double(), norm="ortho")
     ref_i = torch.fft.irfft2(torch.complex(zr.double(), zi.double()), s=(h, w), norm="ortho")
-    return _Both(h, w).eval(), (x, zr, zi), (ref_f.real, ref_f.imag, ref_i)
+    return _Both(h, w, direct_max).eval(), (x, zr, zi), (ref_f.real, ref_f.imag, ref_i)
 
 
 def _assert_outputs(outs, refs):
@@ -231,9 +244,14 @@ ALLOWED_ATEN = {"matmul", "permute", "reshape", "view", "pad", "constant_pad_nd"
                 "select", "slice", "unsqueeze", "clone", "contiguous", "_unsafe_view", "expand"}
 
 
-@pytest.mark.parametrize("h, w", [(64, 64), (33, 47), (1, 2)])
-def test_torch_export_strict_has_no_fft_or_complex(h, w):
-    mod, args, refs = _export_case(h, w)
+# 64x64 direct is the form litert-torch once miscompiled (merged constants); 64x64 and
+# 33x47 (= 3*11 split, prime 47 direct) with direct_max=1 run the Cooley-Tukey graph.
+EXPORT_CASES = [(64, 64, DIRECT_MAX), (64, 64, 1), (33, 47, 1)]
+
+
+@pytest.mark.parametrize("h, w, direct_max", EXPORT_CASES + [(1, 2, 1)])
+def test_torch_export_strict_has_no_fft_or_complex(h, w, direct_max):
+    mod, args, refs = _export_case(h, w, direct_max)
     ep = torch.export.export(mod, args, strict=True)
     for node in ep.graph.nodes:
         val = node.meta.get("val")
@@ -246,13 +264,13 @@ def test_torch_export_strict_has_no_fft_or_complex(h, w):
     _assert_outputs([t.detach() for t in ep.module()(*args)], refs)
 
 
-@pytest.mark.parametrize("h, w", [(64, 64), (33, 47)])
-def test_onnx_export_runs_in_onnxruntime(h, w, tmp_path):
+@pytest.mark.parametrize("h, w, direct_max", EXPORT_CASES)
+def test_onnx_export_runs_in_onnxruntime(h, w, direct_max, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import numpy_helper
 
-    mod, args, refs = _export_case(h, w)
+    mod, args, refs = _export_case(h, w, direct_max)
     path = str(tmp_path / "dft.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -269,12 +287,12 @@ def test_onnx_export_runs_in_onnxruntime(h, w, tmp_path):
     _assert_outputs(outs, refs)
 
 
-@pytest.mark.parametrize("h, w", [(64, 64), (33, 47)])
-def test_tflite_export_runs_in_litert(h, w, tmp_path):
+@pytest.mark.parametrize("h, w, direct_max", EXPORT_CASES)
+def test_tflite_export_runs_in_litert(h, w, direct_max, tmp_path):
     litert_torch = pytest.importorskip("litert_torch")
     interpreter = pytest.importorskip("ai_edge_litert.interpreter")
 
-    mod, args, refs = _export_case(h, w)
+    mod, args, refs = _export_case(h, w, direct_max)
     path = str(tmp_path / "dft.tflite")
     litert_torch.convert(mod, args).export(path)
     it = interpreter.Interpreter(model_path=path, num_threads=2)

@@ -223,7 +223,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("name,variant,scale,size", [("span", "ch28", 2, (20, 27))])
+@pytest.mark.parametrize("name,variant,scale,size", [("span", "ch28", 4, (20, 27))])
 def test_real_model_dynamic(tmp_path, name, variant, scale, size):
     import edgesr
     from edgesr.models import get_spec

@@ -143,6 +143,29 @@ def test_without_workaround_the_check_never_passes_a_wrong_model(toy):
         assert err <= TOL
 
 
+def test_pinning_makes_constant_fingerprints_unique():
+    """The second layer: while pinned, litert's fingerprints of successive temporaries differ."""
+    from litert_torch.backend.inline_consts import _ConstantFingerprint
+
+    from edgesr.export.tflite import pin_constant_temporaries
+
+    w = torch.randn(16, 16, 3, 3).permute(1, 0, 2, 3)  # non-contiguous, like a folded conv
+
+    def fingerprints():
+        out = []
+        for k in range(8):
+            tmp = (w + k).contiguous()  # what litert lowers: a fresh temporary per constant
+            out.append(_ConstantFingerprint.from_tensor(tmp))
+            del tmp
+        return out
+
+    with pin_constant_temporaries() as kept:
+        pinned = fingerprints()
+        assert len(kept) == 8
+    assert len(set(pinned)) == 8
+    assert _ConstantFingerprint.from_tensor.__func__.__qualname__.endswith("_ConstantFingerprint.from_tensor")
+
+
 def _point_two_convs_at_one_buffer(data: bytes) -> bytes:
     """Simulate the defect: the 2nd body conv's weight tensor uses the 1st one's buffer."""
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)

@@ -112,6 +112,19 @@ def test_placeholders_are_labelled_unused():
         threshold_for("bf16")
 
 
+def test_threshold_scales_with_the_reference_peak_beyond_one():
+    t = threshold_for("fp32")
+    ref = np.zeros((1, 3, 4, 4))
+    ref[0, 0, 0, 0] = 40.0  # a random-weight model's output
+    m = compare(ref, ref + 5e-4)
+    assert m.ref_peak == 40.0 and t.bound(m) == pytest.approx(4e-3)
+    assert t.passes(m)
+    assert not t.passes(compare(ref, ref + 5e-3))
+    small = np.full((1, 3, 4, 4), 0.5)  # peak <= 1: the plain absolute bound
+    assert t.bound(compare(small, small)) == 1e-4
+    assert not t.passes(compare(small, small + 2e-4))
+
+
 def _case(err: float, label: str = "random 8x8") -> ParityCase:
     ref = np.zeros((1, 3, 8, 8), np.float32)
     m = compare(ref, ref + np.float32(err))

@@ -19,6 +19,16 @@ from edgesr.stats import count_params
 
 HYP = settings(deadline=None, max_examples=20)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny (<= 64x64): intra-op threads only add sync cost (and spin on a busy CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # (spec, variant, scale) -> (tensors, params), from the spec tables / released checkpoints.
 EXPECTED = {
     ("safmn", "base", 2): (148, 227_820),

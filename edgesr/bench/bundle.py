@@ -164,7 +164,9 @@ measured sgemm peak and memory of `{a['file']}` on {runtime}, and writes a JSON 
 
 ## Linux on an ARM board (Raspberry Pi OS 64-bit, Debian/Ubuntu arm64, Jetson, ...)
 
-Needs a 64-bit (aarch64) Python 3.9 or newer; {pkg} publishes manylinux aarch64 wheels.
+Needs a 64-bit (aarch64) Python >= 3.11 (numpy 2.4 requires it); {pkg} publishes
+manylinux aarch64 wheels.  The pins are the build machine's versions; on an older Python,
+loosen them (the JSON records the versions that actually ran).
 
 ```sh
 python3 -m venv venv
@@ -181,7 +183,7 @@ bionic libc and cannot load them.  Run the Linux steps inside a glibc userland:
 pkg install proot-distro
 proot-distro install debian
 proot-distro login debian -- bash -c "apt update && apt install -y python3-venv"
-proot-distro login debian   # then, in this folder, the Linux commands above
+proot-distro login debian --bind "$PWD:/bench"   # then: cd /bench, and the Linux commands above
 ```
 
 ## Options

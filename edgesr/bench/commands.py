@@ -15,6 +15,11 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _table_console() -> Console:
+    # Wide tables stay readable when piped to a file (rich assumes 80 columns there).
+    return out if out.is_terminal else Console(width=220)
+
+
 def _csv(text: Optional[str]) -> list[str]:
     return [t for t in (text or "").replace(" ", "").split(",") if t]
 
@@ -107,8 +112,9 @@ def register(app: typer.Typer) -> None:
             raise EdgeSRError("--json writes local results; nothing was run (only --import given)")
         docs = local + imported
         table, peaks = rich_tables(docs)
-        out.print(table)
-        out.print(peaks)
+        con = _table_console()
+        con.print(table)
+        con.print(peaks)
         if md_out:
             atomic_write_text(md_out, markdown(docs))
         if plot_out:
@@ -135,4 +141,4 @@ def register(app: typer.Typer) -> None:
         out.print(f"bundle: {path}")
         for f in sorted(path.iterdir()):
             out.print(f"  {f.name}  ({f.stat().st_size / 1e6:.2f} MB)")
-        out.print(f"on the device: pip install -r requirements.txt && python3 {'edgesr_bench.py'} --label NAME")
+        out.print("on the device: pip install -r requirements.txt && python3 edgesr_bench.py --label NAME", soft_wrap=True)

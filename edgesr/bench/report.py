@@ -75,10 +75,10 @@ def rows(docs: Sequence[dict]) -> list[list[str]]:
     return out
 
 
-HEADERS = ["host", "model", "runtime", "threads", "input", "median ms", "p90 ms", "min ms", "out MP/s", "GMAC",
-           "GFLOP/s", "% peak", "model MB", "proc peak MB"]
-PEAK_HEADERS = ["host", "runtime family", "threads", "sgemm GFLOP/s (best run)", "min ms", "median ms",
-                "GEMM (M x K x N, layers)"]
+HEADERS = ["host", "model", "runtime", "thr", "input", "median ms", "p90 ms", "min ms", "out MP/s", "GMAC",
+           "GFLOP/s", "% peak", "model MB", "proc MB"]
+PEAK_HEADERS = ["host", "runtime family", "thr", "sgemm GFLOP/s (best run)", "min ms", "median ms",
+                "GEMM M x K x N, layers"]
 
 
 def peak_rows(docs: Sequence[dict]) -> list[list[str]]:
@@ -86,7 +86,7 @@ def peak_rows(docs: Sequence[dict]) -> list[list[str]]:
     for doc in docs:
         for p in doc["peaks"]:
             g = p.get("gemm") or {}
-            shape = f"{g.get('m')} x {g.get('k')} x {g.get('n')}, {g.get('layers')}" if g else "-"
+            shape = f"{g.get('m')}x{g.get('k')}x{g.get('n')}, {g.get('layers')}" if g else "-"
             if p.get("error"):
                 out.append([_host(doc), p["family"], str(p["threads"]), "error: " + p["error"], "", "", shape])
             else:
@@ -101,7 +101,8 @@ def rich_tables(docs: Sequence[dict]):
 
     t = Table(title="edgesr bench (latency: wall time per run; % peak: vs the same runtime's sgemm)")
     for h in HEADERS:
-        t.add_column(h, justify="right" if h not in ("host", "model", "runtime", "input") else "left")
+        t.add_column(h, justify="right" if h not in ("host", "model", "runtime", "input") else "left",
+                     no_wrap=True)
     for r in rows(docs):
         t.add_row(*r)
     p = Table(title="measured fp32 peak (large sgemm through each runtime)")
@@ -129,7 +130,7 @@ def markdown(docs: Sequence[dict]) -> str:
               "GFLOP/s = 2 x deploy-form MACs / median. % peak is against the same runtime family's sgemm at the "
               "same thread count. Memory: each cell runs in its own process; *model MB* is the resident-set "
               "high-water mark during the timed runs minus the resident set before the model was loaded; "
-              "*proc peak MB* is the process's lifetime high-water mark (VmHWM).", ""]
+              "*proc MB* is the process's lifetime high-water mark (VmHWM).", ""]
     return "\n".join(parts)
 
 
@@ -160,7 +161,8 @@ def plot(docs: Sequence[dict], path: str | os.PathLike, local_count: int | None 
                 label=f"{host}: {label} · {runtime} · {threads} thr")
     ax.set_xlabel("output megapixels")
     ax.set_ylabel("median latency (ms)")
-    ax.set_title("edgesr bench: latency vs output size (dashed: imported device results)")
+    any_imported = any(k[4] for k in series)
+    ax.set_title("edgesr bench: latency vs output size" + (" (dashed: imported results)" if any_imported else ""))
     ax.grid(True, which="both", alpha=0.3)
     if series:
         all_x = [x for pts in series.values() for x, _ in pts]

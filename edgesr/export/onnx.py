@@ -223,13 +223,14 @@ def _check_symbolic(in_shape: tuple, out_shape: tuple) -> None:
 
 
 def _second_size(h: int, w: int, m: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """A different legal size, small to keep the check cheap, non-square."""
-    base = max(min_size, m)
-    base = -(-base // m) * m
-    h2 = base if base != h else base + m
-    w2 = h2 + m if h2 + m <= max_size else h2
+    """Another legal size for the dynamic check: about half the traced one, non-square."""
+
+    def up(v: int) -> int:
+        return -(-max(v, min_size) // m) * m
+
+    h2, w2 = up(h // 2 + 1), up(w // 2 + 3) + m
     if (h2, w2) == (h, w):
-        w2 = w + m
+        w2 += m
     return min(h2, max_size), min(w2, max_size)
 
 

@@ -9,7 +9,9 @@ a temporary ``x.contiguous()``, so *non-contiguous* parameters (e.g. SPAN's fold
 different on every run.  Every export therefore
 
 1. converts a deep copy whose parameters and buffers are all contiguous
-   (:func:`edgesr.reparam.make_contiguous_`, the verified fix), and
+   (:func:`edgesr.reparam.make_contiguous_`, the verified fix) while keeping litert's
+   temporaries alive (:func:`pin_constant_temporaries`, for constants the first fix
+   cannot reach: tensors built in ``forward`` or held in module-level caches), and
 2. checks the flatbuffer structurally (:func:`check_tflite`):
 
    - builtin ops only (no Flex / custom op codes -- ai-edge-litert has no Flex delegate);
@@ -114,7 +116,7 @@ def export_tflite(
     x = wrapper.example_input(h, w)
 
     expected = torch_weight_signatures(wrapper, x)
-    with _quiet_progress(not verbose), torch.no_grad():
+    with _quiet_progress(not verbose), pin_constant_temporaries(), torch.no_grad():
         converted = litert_torch.convert(wrapper, (x,))
         data = converted.model_content()
 
@@ -138,6 +140,41 @@ def export_tflite(
         metadata=meta,
         checks=checks,
     )
+
+
+@contextlib.contextmanager
+def pin_constant_temporaries() -> Iterator[list]:
+    """Second layer against the merge defect, for constants ``make_contiguous_`` cannot reach.
+
+    litert-torch 0.10 lowers each constant as ``x = x.contiguous()`` and caches it under
+    (shape, stride, ``x``'s storage address, offset).  For a non-contiguous constant --
+    a parameter, but also a tensor built in ``forward`` or held in a module-level cache --
+    ``x`` is a temporary; once freed, the next temporary of the same shape can get the
+    same address and hit the cache.  Keeping every such temporary alive for the duration
+    of the conversion makes addresses unique.  No-op if litert-torch's internals differ.
+    """
+    kept: list = []
+    try:
+        from litert_torch.backend import inline_consts
+    except ImportError:
+        yield kept
+        return
+    cls = getattr(inline_consts, "_ConstantFingerprint", None)
+    original = getattr(cls, "__dict__", {}).get("from_tensor")
+    if not isinstance(original, classmethod):
+        yield kept
+        return
+
+    def from_tensor(klass, tensor):
+        kept.append(tensor)
+        return original.__func__(klass, tensor)
+
+    cls.from_tensor = classmethod(from_tensor)
+    try:
+        yield kept
+    finally:
+        cls.from_tensor = original
+        kept.clear()
 
 
 @contextlib.contextmanager
@@ -179,31 +216,29 @@ _TORCH_WEIGHT_OPS = {
 
 
 class _ConstantWeights(TorchDispatchMode):
-    """Runs a forward pass and records constant operands of conv/matmul ops.
+    """Runs a forward pass and records the constant operands of conv/matmul ops.
 
-    A tensor is constant when it is a parameter/buffer or computed only from constants
-    (views, reshapes, DFT bases built in ``forward`` ...) -- the converter folds those.
+    A tensor is constant unless it is computed from the input: parameters, buffers,
+    module-level caches and anything built from them in ``forward`` (views, reshapes,
+    DFT bases ...) -- exactly what a converter folds into constant buffers.
     """
 
-    def __init__(self, constants: list[torch.Tensor]):
+    def __init__(self, x: torch.Tensor):
         super().__init__()
-        self._const: dict[int, torch.Tensor] = {id(t): t for t in constants}
+        self._runtime: dict[int, torch.Tensor] = {id(x): x}  # keeps ids alive and unique
         self.uses: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        all_const = all(id(t) in self._const for t in inputs)
-        if all_const:  # folded by the converter: outputs are constants too, nothing to check
+        if any(id(t) in self._runtime for t in inputs):
             for o in tree_leaves(out):
                 if isinstance(o, torch.Tensor):
-                    self._const[id(o)] = o
-        else:
-            positions = _TORCH_WEIGHT_OPS.get(str(func))
-            for i in positions or ():
+                    self._runtime[id(o)] = o
+            for i in _TORCH_WEIGHT_OPS.get(str(func), ()):
                 a = args[i] if i < len(args) else None
-                if isinstance(a, torch.Tensor) and id(a) in self._const:
+                if isinstance(a, torch.Tensor) and id(a) not in self._runtime:
                     self.uses[content_signature(_unexpand(a))] += 1
         return out
 
@@ -216,8 +251,8 @@ def _unexpand(t: torch.Tensor) -> np.ndarray:
 
 def torch_weight_signatures(module: nn.Module, x: torch.Tensor) -> Counter[str]:
     """``{content signature: number of conv/matmul uses}`` of the module's constant weights."""
-    constants = list(module.parameters()) + list(module.buffers())
-    mode = _ConstantWeights(constants)
+    x = x.clone()
+    mode = _ConstantWeights(x)
     with torch.no_grad(), mode:
         module(x)
     return mode.uses

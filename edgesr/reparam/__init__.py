@@ -42,7 +42,9 @@ class FoldReport:
 def _probe(model: nn.Module, size: tuple[int, int] | None = None) -> torch.Tensor:
     h, w = size or probe_size(model)
     g = torch.Generator().manual_seed(0)
-    return torch.rand(1, 3, h, w, generator=g) * input_range_of(model)
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return (torch.rand(1, 3, h, w, generator=g, dtype=torch.float64) * input_range_of(model)).to(dtype)
 
 
 @torch.no_grad()

@@ -18,7 +18,10 @@ input index n = N2*n1 + n2, output index k = k1 + N1*k2, and
 i.e. a length-N1 DFT matmul, then a length-N2 DFT matmul whose basis depends on
 k1 (the twiddle factors are folded into that batched basis, so there is no
 separate twiddle multiply).  Cost per line is ~N*(N1+N2) MACs instead of N^2.
-A prime N (or N = 1) uses a single direct DFT matmul.  Only one split level is
+A prime N, and any N <= ``DIRECT_MAX`` (64), uses a single direct DFT matmul:
+below that size the extra matmul and permutes of the split cost more than the
+MACs they save (measured in onnxruntime and eager torch; see the report of
+``benchmarks/safe_ops.py``).  Only one split level is
 used: at N <= 1024 both factors are <= 32 and each stage is a small-K matmul that
 is already close to memory-bound, so a further split would trade MACs for more
 full passes over the tensor (one more matmul and one more permute per level).
@@ -42,9 +45,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["RealRFFT2", "RealIRFFT2", "unit_phase", "split_factor"]
+__all__ = ["RealRFFT2", "RealIRFFT2", "unit_phase", "split_factor", "DIRECT_MAX"]
 
 _NORMS = ("backward", "ortho", "forward")
+DIRECT_MAX = 64  # axes up to this length use one direct DFT matmul by default
 
 
 def split_factor(n: int) -> int:
@@ -85,8 +89,8 @@ def _real_block(er: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
     return torch.stack((row_re, row_im), dim=-4)
 
 
-def _axis_plan(n: int, factorize: bool) -> tuple[int, int]:
-    n1 = split_factor(n) if factorize else n
+def _axis_plan(n: int, factorize: bool, direct_max: int) -> tuple[int, int]:
+    n1 = split_factor(n) if factorize and n > direct_max else n
     return n1, n // n1
 
 
@@ -107,15 +111,16 @@ def _rearrange(x: torch.Tensor, src: str, dst: str, sizes: dict[str, int]) -> to
 
 
 class _DFT2Base(nn.Module):
-    def __init__(self, height: int, width: int, norm: str, dtype: torch.dtype, factorize: bool):
+    def __init__(self, height: int, width: int, norm: str, dtype: torch.dtype, factorize: bool,
+                 direct_max: int):
         super().__init__()
         if height < 1 or width < 1:
             raise ValueError(f"height and width must be >= 1, got {height}x{width}")
-        self.height, self.width, self.norm, self.factorize = height, width, norm, factorize
+        self.height, self.width, self.norm = height, width, norm
         self.wf = width // 2 + 1
         self._dtype = dtype
-        self.h1, self.h2 = _axis_plan(height, factorize)
-        self.w1, self.w2 = _axis_plan(width, factorize)
+        self.h1, self.h2 = _axis_plan(height, factorize, direct_max)
+        self.w1, self.w2 = _axis_plan(width, factorize, direct_max)
         # W-axis bookkeeping: k = k1 + W1*k2 covers the wf kept bins.  Without a split
         # the single stage produces exactly wf columns.
         if self.w2 > 1:
@@ -143,13 +148,15 @@ class RealRFFT2(_DFT2Base):
 
     ``forward(x) -> (re, im)``, each of shape (..., H, W//2+1).  Build with
     ``dtype=torch.float64`` for float64 inputs (the bases are cast once at init).
+    An axis longer than ``direct_max`` is split (Cooley-Tukey) unless it is prime;
     ``factorize=False`` gives the unfactorized direct-matmul form (O(N^3) MACs),
     kept for benchmarks and cross-checks.
     """
 
     def __init__(self, height: int, width: int, norm: str = "backward",
-                 dtype: torch.dtype = torch.float32, factorize: bool = True):
-        super().__init__(height, width, norm, dtype, factorize)
+                 dtype: torch.dtype = torch.float32, factorize: bool = True,
+                 direct_max: int = DIRECT_MAX):
+        super().__init__(height, width, norm, dtype, factorize, direct_max)
         alpha = _scale(norm, height, width, inverse=False)
         H, W, h1, h2, w1, w2, kw1, kw2 = (height, width, self.h1, self.h2, self.w1, self.w2,
                                            self.kw1, self.kw2)
@@ -218,11 +225,14 @@ class RealIRFFT2(_DFT2Base):
     of the DC column (k = 0) and, for even W, the Nyquist column (k = W/2) are
     therefore ignored exactly.  This is what torch CPU and ``numpy.fft.irfft2``
     compute; CUDA irfft2 is known to differ on non-Hermitian input (pytorch#154496).
+
+    ``dtype``, ``factorize`` and ``direct_max`` as for :class:`RealRFFT2`.
     """
 
     def __init__(self, height: int, width: int, norm: str = "backward",
-                 dtype: torch.dtype = torch.float32, factorize: bool = True):
-        super().__init__(height, width, norm, dtype, factorize)
+                 dtype: torch.dtype = torch.float32, factorize: bool = True,
+                 direct_max: int = DIRECT_MAX):
+        super().__init__(height, width, norm, dtype, factorize, direct_max)
         beta = _scale(norm, height, width, inverse=True)
         H, W, h1, h2, w1, w2, kw1, kw2 = (height, width, self.h1, self.h2, self.w1, self.w2,
                                            self.kw1, self.kw2)
