@@ -11,6 +11,8 @@ machine hurts all columns alike.
 
     python benchmarks/safe_ops.py                      # S = 64, 256, 1024; C = 32; 2 threads
     python benchmarks/safe_ops.py --sizes 256 --rounds 20 --tflite
+    python benchmarks/safe_ops.py --threads 1 --clock cpu   # on a busy machine: CPU time
+                                                            # of the one compute thread
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def gmacs(mod, x) -> float:
     return fc.get_total_flops() / 2e9
 
 
-def time_interleaved(fns: dict, rounds: int, budget_s: float) -> dict:
+def time_interleaved(fns: dict, rounds: int, budget_s: float, clock=time.perf_counter) -> dict:
     """min and median (ms) per variant; each round runs every variant once."""
     for f in fns.values():  # warm-up
         f()
@@ -58,9 +60,9 @@ def time_interleaved(fns: dict, rounds: int, budget_s: float) -> dict:
     t_end = time.perf_counter() + budget_s
     for r in range(rounds):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
         if r >= 2 and time.perf_counter() > t_end:
             break
     return {k: (min(v), statistics.median(v), len(v)) for k, v in times.items()}
@@ -106,10 +108,13 @@ def main():
     ap.add_argument("--direct-max", type=int, default=1024, help="skip the direct form above this S")
     ap.add_argument("--onnx-size", type=int, nargs="*", default=[256], help="sizes for onnxruntime")
     ap.add_argument("--tflite", action="store_true", help="also time LiteRT at --onnx-size")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, meaningful with --threads 1 on a shared machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"torch {torch.__version__}, {args.threads} threads, input (1, {args.channels}, S, S) float32, "
-          f"rfft2+irfft2 round trip, norm='ortho'; times in ms (min / median over rounds)\n")
+          f"rfft2+irfft2 round trip, norm='ortho'; {args.clock} time in ms (min / median over rounds)\n")
 
     hdr = (f"{'S':>5} {'split':>7} | {'torch.fft':>19} | {'factorized':>19} | {'direct':>19} | "
            f"{'fact/fft':>8} {'dir/fact':>8} | {'GMAC fact':>9} {'GMAC dir':>9} | max err")
@@ -128,7 +133,7 @@ def main():
                 dire = RoundTrip(s, False).eval()
                 fns["dir"] = lambda: dire(x)
                 g_dir = gmacs(dire, x)
-            t = time_interleaved(fns, args.rounds, args.budget)
+            t = time_interleaved(fns, args.rounds, args.budget, clock)
         d = t.get("dir", (float("nan"),) * 3)
         print(f"{s:5d} {f'{fac.f.h1}x{fac.f.h2}':>7} | {fmt(t['fft'])} | {fmt(t['fac'])} | {fmt(d)} | "
               f"{t['fac'][0] / t['fft'][0]:8.2f} {d[0] / t['fac'][0]:8.2f} | {g_fac:9.2f} "
@@ -146,7 +151,7 @@ def main():
                         fac, x, os.path.join(tmp, "fac.tflite"), args.threads)
                     fns["LiteRT factorized matmul"] = run_tfl
                 with torch.no_grad():
-                    t = time_interleaved(fns, args.rounds, args.budget)
+                    t = time_interleaved(fns, args.rounds, args.budget, clock)
             base = t["eager torch.fft"][0]
             for k, v in t.items():
                 e = f"   round-trip err {errs[k]:.1e}" if k in errs else ""

@@ -17,7 +17,7 @@ import sys
 
 from edgesr.bench import BenchSettings, bench_model, markdown
 
-RUNTIMES = ["torch-train", "torch-folded", "torch-deploy", "onnxruntime", "litert"]
+RUNTIMES = ["torch-trainmode", "torch-train", "torch-folded", "torch-deploy", "onnxruntime", "litert"]
 
 
 def main() -> int:

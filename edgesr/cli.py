@@ -110,11 +110,8 @@ def _print_parity_summary(report: dict) -> None:
     if not parity:
         err.print("[yellow]warning:[/] not verified (--no-verify)")
         return
-    worst = max(parity["cases"], key=lambda c: c["metrics"]["max_abs"])
-    m = worst["metrics"]
-    verdict = "[green]passed[/]" if report["passed"] else "[red]FAILED[/]"
-    err.print(f"parity {verdict}: worst max-abs {m['max_abs']:.2e}, PSNR {m['psnr_db']:.1f} dB "
-              f"({len(parity['cases'])} inputs, threshold {parity['threshold']['max_abs']:g})")
+    colour = "green" if report["passed"] else "red"
+    err.print(f"parity [{colour}]{parity['summary']}[/]", highlight=False)
 
 
 @app.command("reparam")
@@ -157,10 +154,9 @@ def parity_cmd(
 
     report = check_artifact(artifact, weights=weights, images=images, sizes=sizes, arch=arch, threads=threads)
     from .io import atomic_write_text
-    import json
 
     if json_out:
-        atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_out, report.to_json() + "\n")
     if md_out:
         atomic_write_text(md_out, report.to_markdown())
     out.print(report.to_markdown())

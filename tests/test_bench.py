@@ -179,18 +179,22 @@ def test_bench_artifacts_json_markdown_plot(local_run):
     assert sorted(p.name for p in d.iterdir()) == ["r.json", "r.md", "r.png"]  # atomic writes left nothing behind
 
 
-def test_bench_model_torch_forms(tmp_path):
-    """--model: train form vs deploy form in eager PyTorch, 2 threads; static artifact refuses other sizes."""
+def test_bench_model_torch_forms_and_export(tmp_path):
+    """--model: train and deploy form in eager PyTorch, plus a per-size ONNX export, at 2 threads."""
     out_json = tmp_path / "m.json"
     rc, out, err = cli("bench", "--model", "span", "--sizes", f"{SIZE}x{SIZE}", "--runtimes",
-                           "torch-train,torch-deploy", "--threads", "2", "--runs", "2", "--warmup", "1",
-                           "--json", out_json)
+                       "torch-train,torch-deploy,onnxruntime", "--threads", "2", "--runs", "2", "--warmup", "1",
+                       "--json", out_json)
     assert rc == 0, err
     doc = load_result(out_json)
-    check_result_doc(doc, ["torch-train", "torch-deploy"], [2])
+    check_result_doc(doc, ["torch-train", "torch-deploy", "onnxruntime"], [2])
     forms = {r["runtime"]: r["form"] for r in doc["results"]}
-    assert forms == {"torch-train": "train", "torch-deploy": "deploy"}
-    assert [(p["family"], p["threads"]) for p in doc["peaks"]] == [("torch", 2)]
+    assert forms == {"torch-train": "train", "torch-deploy": "deploy", "onnxruntime": "artifact"}
+    exported = [r for r in doc["results"] if r["runtime"] == "onnxruntime"][0]
+    assert exported["artifact"] == f"span_ch48_x4_{SIZE}x{SIZE}.onnx"
+    assert {(p["family"], p["threads"]) for p in doc["peaks"]} == {("torch", 2), ("onnxruntime", 2)}
+    torch_cells = [r for r in doc["results"] if r["family"] == "torch"]
+    assert all(r["memory"]["torch_imported"] for r in torch_cells)
 
 
 def test_bench_bad_inputs_are_one_line_errors(artifacts, tmp_path):

@@ -19,7 +19,6 @@ from torch import nn
 from conftest import noise_image, real_image
 from edgesr.errors import ExportError, SizeRuleError
 from edgesr.export import read_metadata, write_metadata
-from edgesr.export import tflite as tfl
 from edgesr.export.tflite import check_tflite, export_tflite, inspect_tflite, tflite_with_metadata, torch_weight_signatures
 from edgesr.export.wrap import IOWrapper
 from edgesr.runtime.runners import LiteRTRunner, TorchRunner
@@ -110,7 +109,7 @@ def test_io_names_and_layout(exported):
     assert sig == {"inputs": ["input"], "outputs": ["output"]}
 
 
-def test_without_workaround_the_check_never_passes_a_wrong_model(toy):
+def test_without_workaround_the_check_never_passes_a_wrong_model(toy, monkeypatch):
     """Convert the non-contiguous model directly (no make_contiguous_).
 
     litert-torch may or may not merge buffers in a given run (it depends on allocator
@@ -122,7 +121,7 @@ def test_without_workaround_the_check_never_passes_a_wrong_model(toy):
     wrapper = IOWrapper(toy, 1.0, "NHWC").eval()
     x = wrapper.example_input(*SIZE)
     expected = torch_weight_signatures(wrapper, x)
-    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    monkeypatch.setenv("LITERT_TORCH_SHOW_PROGRESS", "n")
     data = litert_torch.convert(wrapper, (x,)).model_content()
     info = inspect_tflite(data)
     it = Interpreter(model_content=data)

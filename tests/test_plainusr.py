@@ -12,7 +12,7 @@ from torch import nn
 import edgesr
 from conftest import noise_image, real_image
 from edgesr.models.checkpoint import load_model
-from edgesr.models.plainusr import ASR, PConv, PlainBlock, PlainUSR, RepMBConv, SoftPool2d, _block
+from edgesr.models.plainusr import ASR, PConv, PlainBlock, RepMBConv, SoftPool2d, _block
 from edgesr.models.registry import get_spec
 from edgesr.reparam.rules import apply_folds
 from edgesr.reparam.safe_ops import WindowSoftPool2d

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Checkpoint (default: seeded random)."),
         runtimes: Optional[str] = typer.Option(
             None, "--runtimes",
-            help="Comma list of torch-train, torch-folded, torch-deploy, onnxruntime, litert "
+            help="Comma list of torch-train, torch-trainmode, torch-folded, torch-deploy, onnxruntime, litert "
                  "(--model default: torch-train,torch-deploy,onnxruntime,litert)."),
         threads: Optional[str] = typer.Option(None, "--threads", help="Comma list (default: 1 and all cores)."),
         sizes: Optional[str] = typer.Option(None, "--sizes", help="Comma list of HxW input sizes (default 256x256)."),
@@ -98,6 +99,12 @@ def register(app: typer.Typer) -> None:
         if artifacts or model or weights:
             settings = BenchSettings(threads=_threads(threads), runs=runs, warmup=warmup, sizes=_sizes(sizes),
                                      runtimes=_csv(runtimes) or None, label=label, verify=verify, peak=peak)
+            from .device_bench import load_average
+
+            load, ncpu = load_average(), os.cpu_count() or 1
+            if load is not None and load > 0.5 * ncpu:
+                err.print(f"[yellow]warning:[/] this machine is busy (load average {load:g} on {ncpu} cores); "
+                          "latency figures will be contended", soft_wrap=True)
             progress = _RichProgress()
             if artifacts:
                 doc = bench_artifacts(artifacts, settings, progress)

@@ -7,7 +7,11 @@ parent only plans, exports and collects.  Records are built by
 device results share one schema.
 
 Runtimes:
-  ``torch-train``   the train-time form in eager PyTorch;
+  ``torch-train``   the train-time form in eager PyTorch, in eval mode (what running the
+                    official model for inference costs; SPAN's eval forward already folds
+                    its Conv3XC on the fly, so it is close to ``torch-folded``);
+  ``torch-trainmode`` the train-time form with ``training=True`` under no_grad: the
+                    multi-branch graph that training runs (SPAN: 1x1-3x3-1x1 + skip);
   ``torch-folded``  after the exact structural folds (``edgesr.fold``);
   ``torch-deploy``  the deploy form (``edgesr.deploy(model, "onnx")``) in eager PyTorch;
   ``onnxruntime``   an ONNX artifact;   ``litert``  a TFLite artifact (XNNPACK).
@@ -29,11 +33,12 @@ from ..errors import EdgeSRError
 from . import device_bench as db
 from .peak import DEFAULT_GEMM, Gemm, family_of, write_gemm_model
 
-RUNTIMES = ("torch-train", "torch-folded", "torch-deploy", "onnxruntime", "litert")
+RUNTIMES = ("torch-train", "torch-trainmode", "torch-folded", "torch-deploy", "onnxruntime", "litert")
 DEFAULT_MODEL_RUNTIMES = ("torch-train", "torch-deploy", "onnxruntime", "litert")
 FORMAT_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert"}
 RUNTIME_FORMAT = {v: k for k, v in FORMAT_RUNTIME.items()}
-TORCH_FORMS = {"torch-train": "train", "torch-folded": "folded", "torch-deploy": "deploy"}
+TORCH_FORMS = {"torch-train": "train", "torch-trainmode": "trainmode", "torch-folded": "folded",
+               "torch-deploy": "deploy"}
 DEFAULT_SIZE = (256, 256)
 # Run by path, not with -m: see worker.py (artifact cells then never import torch).
 WORKER = [sys.executable, str(Path(__file__).with_name("worker.py"))]

@@ -18,7 +18,10 @@ Result format (``schema: "edgesr.bench/1"``) -- one JSON object:
 
 ``schema``     "edgesr.bench/1" (a reader accepts the same major version).
 ``created``    UTC time, ISO 8601.
-``host``       label, hostname, system, machine, cpu, cpu_count, python.
+``host``       label, hostname, system, machine, cpu, cpu_count, python, and the 1-minute
+               load average before and after the run (``load_before``/``load_after``; a
+               load above 0.5 on an idle board, or near the core count anywhere, means the
+               figures are contended).
 ``versions``   package versions of the runtimes used.
 ``settings``   runs, warmup, memory method.
 ``peaks``      one entry per (runtime family, threads): the GEMM probe measured through the
@@ -26,8 +29,9 @@ Result format (``schema: "edgesr.bench/1"``) -- one JSON object:
                latency_ms{...}, gflops`` (from the *fastest* run: a peak is a best case), or
                ``error``.
 ``results``    one entry per cell (runtime x threads x input size):
-    ``label, model, variant, scale, artifact, form`` (train|folded|deploy|artifact),
-    ``runtime`` (torch-train|torch-folded|torch-deploy|onnxruntime|litert), ``family``
+    ``label, model, variant, scale, artifact, form`` (train|trainmode|folded|deploy|artifact),
+    ``runtime`` (torch-train|torch-trainmode|torch-folded|torch-deploy|onnxruntime|litert),
+    ``family``
     (torch|onnxruntime|litert), ``runtime_version, threads, input_hw, output_hw,
     output_mpix, runs, warmup``,
     ``latency_ms {median, p90, min, mean, max}`` and ``samples_ms`` (every timed run:
@@ -148,8 +152,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average():
+    """1-minute load average (None where unknown): other work on the machine skews every figure."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def host_info(label=None) -> dict:
     return {
+        "load_before": load_average(),
         "label": label or socket.gethostname(),
         "hostname": socket.gethostname(),
         "system": platform.system(),
@@ -174,7 +187,8 @@ def new_document(label=None, versions=None, runs=0, warmup=0) -> dict:
 
 
 def attach_peaks(doc: dict) -> None:
-    """Fill peak_gflops / pct_of_peak of every result from the document's peaks."""
+    """Fill peak_gflops / pct_of_peak of every result from the document's peaks (and close the run)."""
+    doc["host"]["load_after"] = load_average()
     best = {(p["family"], p["threads"]): p["gflops"] for p in doc["peaks"] if p.get("gflops")}
     for r in doc["results"]:
         peak = best.get((r["family"], r["threads"]))

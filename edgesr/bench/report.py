@@ -124,7 +124,8 @@ def markdown(docs: Sequence[dict]) -> str:
         h = doc["host"]
         parts.append(f"- **{_host(doc)}**: {h.get('cpu', '?')} ({h.get('machine', '?')}, {h.get('cpu_count', '?')} "
                      f"cores), {doc.get('created', '?')}, runs {doc.get('settings', {}).get('runs', '?')}, "
-                     f"warm-up {doc.get('settings', {}).get('warmup', '?')}")
+                     f"warm-up {doc.get('settings', {}).get('warmup', '?')}, load average "
+                     f"{h.get('load_before', '?')} -> {h.get('load_after', '?')}")
     parts += ["", table(HEADERS, rows(docs)), "", "## Measured peak", "", table(PEAK_HEADERS, peak_rows(docs)), "",
               "Latency is the wall time of one `run(x)` on a NCHW float32 array (layout conversion included). "
               "GFLOP/s = 2 x deploy-form MACs / median. % peak is against the same runtime family's sgemm at the "

@@ -56,7 +56,8 @@ import numpy as np
 from .device_bench import measure
 from .peak import Gemm
 
-TORCH_FORMS = {"torch-train": "train", "torch-folded": "folded", "torch-deploy": "deploy"}
+TORCH_FORMS = {"torch-train": "train", "torch-trainmode": "trainmode", "torch-folded": "folded",
+               "torch-deploy": "deploy"}
 ARTIFACT_RUNTIMES = ("onnxruntime", "litert")
 
 
@@ -84,11 +85,37 @@ def torch_model(spec: dict, form: str):
     loaded = obtain_model(spec["name"], spec.get("variant"), spec.get("scale"), spec.get("weights"),
                           seed=spec.get("seed", 0))
     model = loaded.model.eval()
+    if form == "trainmode":
+        return _TrainMode(model), loaded.spec.input_range
     if form == "folded":
         model = fold(model)[0]
     elif form == "deploy":
         model = deploy(model, spec.get("target", "onnx"))
     return model.eval(), loaded.spec.input_range
+
+
+def _TrainMode(model):
+    """The train form with ``training=True`` (multi-branch forward; runners still use no_grad).
+
+    ``TorchRunner`` calls ``.eval()``; this wrapper keeps the wrapped model in training
+    mode regardless, so the timed graph is the one used during training.
+    """
+    from torch import nn
+
+    class TrainMode(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner.train()
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            self.inner.train(True)
+            return self
+
+        def forward(self, x):
+            return self.inner(x)
+
+    return TrainMode(model)
 
 
 def make_runner(job: dict):

@@ -8,14 +8,18 @@
   exported input must carry ``dim_param``s and the graph must run at a second size.
 - Weights are embedded in the single ``.onnx`` file unless they exceed the 2 GB protobuf
   limit; then they go to ``<name>.onnx.data`` beside it.
-- onnxslim is tried and kept only when it removes nodes, keeps the dynamic dims and leaves
-  onnxruntime's outputs unchanged.
+- onnxslim (opt-in, ``simplify=True``) is kept only when it removes nodes, keeps the
+  dynamic dims and leaves onnxruntime's outputs unchanged.  Measured on the zoo: SAFMN
+  364->340 nodes, DarkIR-m 876->820, SRConvNet 949->885, SPAN/SAFMN++/PlainUSR unchanged;
+  outputs bit-identical, onnxruntime latency unchanged within noise.  (Run on the
+  *unoptimised* exporter output it once produced an invalid graph -- a Resize with double
+  scales -- hence the validation.)
 - Writes are atomic: a failure leaves neither the file nor a temporary behind.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import math
 import os
 import re
@@ -48,7 +52,6 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # onnxslim's result must reproduce the unsimplified graph's outputs this closely ([0,1] scale).
 SIMPLIFY_TOLERANCE = 1e-6
 
-log = logging.getLogger(__name__)
 
 
 def export_onnx(
@@ -62,7 +65,8 @@ def export_onnx(
     min_size: int = 1,
     max_size: int = 8192,
     metadata: Mapping[str, object] | None = None,
-    simplify: bool = True,
+    simplify: bool = False,
+    keep_debug_info: bool = False,
 ) -> ExportResult:
     """Export ``model`` (deploy form, NCHW, native range ``input_range``) to an ONNX file.
 
@@ -70,7 +74,12 @@ def export_onnx(
     ``input_size`` is the traced size (and the only accepted size unless ``dynamic``).
     With ``dynamic`` H and W are symbolic, constrained to multiples of ``multiple_of`` in
     ``[min_size, max_size]``; an exporter that specialises them raises :class:`ExportError`.
-    ``simplify`` tries onnxslim and keeps its result only if it is smaller and equivalent.
+    ``simplify`` tries onnxslim and keeps its result only if it has fewer nodes, the same
+    dynamic dims and the same onnxruntime outputs (off by default: on the zoo it removes
+    0-7% of the nodes of the dynamo exporter's already optimised graph, with identical
+    outputs and no measurable onnxruntime latency change).  The exporter's per-node debug
+    metadata (Python stack traces with local paths, FX node dumps; ~35% of a small model's
+    file) is dropped unless ``keep_debug_info``.
     """
     sw = Stopwatch()
     final = Path(path)
@@ -103,10 +112,16 @@ def export_onnx(
         try:
             ep = torch.export.export(wrapper, (x,), dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # torch raises UserError / ConstraintViolationError / GuardOnDataDependent...
-            if dynamic and "specialized" in str(e):
+            text = str(e)
+            if dynamic and "specialized" in text:
                 raise ExportError(
                     "dynamic ONNX export impossible: the model fixes the input size while tracing "
                     f"({_first_line(e)}); export a static size instead"
+                ) from e
+            if dynamic and "Constraints violated" in text:
+                raise ExportError(
+                    f"dynamic ONNX export impossible: the model restricts H/W beyond multiples of {m} "
+                    f"({_first_line(e)}); raise multiple_of or export a static size"
                 ) from e
             raise
         if dynamic:
@@ -123,6 +138,8 @@ def export_onnx(
             optimize=True,
         )
     proto = program.model_proto
+    if not keep_debug_info:
+        _strip_debug_info(proto)
     if names:
         _rename_dim_params(proto, names)
 
@@ -132,8 +149,9 @@ def export_onnx(
     if dynamic:
         _check_symbolic(in_shape, out_shape)
         checks["dynamic_dims"] = {"input": list(in_shape), "output": list(out_shape)}
-    if in_shape != expected_shape:
+    if in_shape[:2] != (1, 3) or (not dynamic and in_shape != expected_shape):
         raise ExportError(f"exported ONNX input has shape {in_shape}, expected {expected_shape}")
+    meta["input_shape"] = json.dumps(list(in_shape))
 
     external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     probes = [x]
@@ -310,6 +328,26 @@ def _maybe_simplify(proto, probes, ref_outs, dynamic: bool):
 # --- graph facts & saving -------------------------------------------------------------
 
 
+def _strip_debug_info(proto) -> None:
+    """Drop per-node ``metadata_props``/``doc_string`` (stack traces, FX dumps, local paths)."""
+
+    def walk(graph):
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+
+
 def _node_count(proto) -> int:
     return sum(1 for _ in _op_types(proto))
 
@@ -319,7 +357,7 @@ def _op_types(proto):
         for node in graph.node:
             yield node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             for attr in node.attribute:
-                if attr.g is not None and attr.HasField("g"):
+                if attr.HasField("g"):
                     yield from walk(attr.g)
                 for sub in attr.graphs:
                     yield from walk(sub)

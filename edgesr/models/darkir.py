@@ -464,8 +464,9 @@ class DBlockDeploy(nn.Module):
 #   - DBlock branch biases (dil 1/4/9) summed into branch 0.
 #   - EBlock norm1 gamma -> depthwise extra_conv kernel, beta kept as an add of beta/gamma
 #     before the conv (ChannelNormShift): conv_{W g}(n + b/g) == conv_W(g n + b) including
-#     the zero-padded border, *only if every g != 0* -- otherwise this fold is skipped and
-#     the affine LayerNorm stays.
+#     the zero-padded border, *only if every g != 0* (and |b/g| <= 1e3, so the shifted
+#     input stays on the scale of n) -- otherwise this fold is skipped and the affine
+#     LayerNorm stays.
 #   rejected
 #   - EBlock norm1 beta *through* the zero-padded depthwise extra_conv into its bias:
 #     wrong at the border (the padded zeros do not carry beta; spec measured 0.49).
@@ -505,6 +506,9 @@ def _scale_rows(conv: nn.Conv2d, s: torch.Tensor) -> nn.Conv2d:
                  None if conv.bias is None else conv.bias.detach() * s)
 
 
+_MAX_NORM_SHIFT = 1e3
+
+
 def _bare_norm(norm: nn.Module) -> ChannelLayerNorm:
     return ChannelLayerNorm(None, None, norm.eps)
 
@@ -515,8 +519,10 @@ def _fold_eblock(m: EBlock) -> nn.Module:
     if len(m.branches) != 1 or not isinstance(m.extra_conv, nn.Conv2d):
         return m  # configurations DarkIR never builds: leave unfolded
     g1, b1 = _affine(m.norm1)
-    if bool((g1 != 0).all()):
-        norm1 = ChannelNormShift(b1 / g1, m.norm1.eps)
+    shift = b1 / g1
+    # exact for any nonzero g; the bound keeps n + b/g from swamping n (and within fp16)
+    if bool((g1 != 0).all()) and bool(shift.abs().max() <= _MAX_NORM_SHIFT):
+        norm1 = ChannelNormShift(shift, m.norm1.eps)
         ec = m.extra_conv
         extra = _conv(ec.weight.detach() * g1[:, None, None, None], ec.bias.detach(),
                       padding=ec.padding, groups=ec.groups)

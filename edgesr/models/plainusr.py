@@ -40,7 +40,14 @@ the preceding 3x3 and removed, which leaves exactly the Rep key layout (the fold
 state dict loads strictly into the Rep variant of the same name).
 
 Export-safe rewrites: ``SoftPool2d -> safe_ops.WindowSoftPool2d`` (window softmax,
-overflow-free in fp16/fp32, exact); in-place prefix writes -> ``cat``.
+overflow-free in fp16/fp32, exact); in-place prefix writes -> ``cat``.  The deploy form
+exports with symbolic H, W.  Note: ``torch.export`` specialises intermediate sizes that
+*could* be 1, and LIA's pooled maps are 1 px for H < 10 (SoftPool) / H < 13 (after the
+stride-2 conv), so a dynamic export needs ``Dim(min=13)`` -- or
+``torch.fx.experimental._config.backed_size_oblivious = True``, with which ``min=7``
+exports and matches eager exactly at 7..12 px.  Cost: the window softmax expands the
+``f`` LIA channels 49x at 1/9 resolution (+1.4 GMACs at 256x256 for PlainUSR x4, and
+markedly more memory traffic than the exp/avg-pool original).
 
 Assumptions (not stated in the specs, taken from the official training code):
 ASR hidden width ``2n // 4``, ``se`` is ``[mean, Linear, SiLU, Linear, Sigmoid, reshape]``

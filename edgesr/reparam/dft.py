@@ -19,12 +19,12 @@ i.e. a length-N1 DFT matmul, then a length-N2 DFT matmul whose basis depends on
 k1 (the twiddle factors are folded into that batched basis, so there is no
 separate twiddle multiply).  Cost per line is ~N*(N1+N2) MACs instead of N^2.
 A prime N, and any N <= ``DIRECT_MAX`` (64), uses a single direct DFT matmul:
-below that size the extra matmul and permutes of the split cost more than the
-MACs they save (measured in onnxruntime and eager torch; see the report of
-``benchmarks/safe_ops.py``).  Only one split level is
-used: at N <= 1024 both factors are <= 32 and each stage is a small-K matmul that
-is already close to memory-bound, so a further split would trade MACs for more
-full passes over the tensor (one more matmul and one more permute per level).
+up to that size the extra matmul and permutes of a split cost more time than
+the MACs they save (measured with onnxruntime and eager torch at 16..256).
+Only one split level is used: at N <= 1024 both factors are <= 32 and each
+stage is a small-K matmul that is already close to memory-bound, so a further
+split would trade MACs for more full passes over the tensor (one more matmul
+and one more permute per level).
 
 Complex values are carried as a size-2 "ri" axis adjacent to the axis being
 contracted, so a complex matmul is one real matmul with a (2*Nin, 2*Nout) basis.

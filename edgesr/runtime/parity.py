@@ -178,10 +178,12 @@ class ParityReport:
         if w is None:
             return "no parity cases"
         verdict = "passed" if self.passed else "FAILED"
+        bound = f"threshold {self.threshold.max_abs:g}"
+        if w.metrics.ref_peak > 1.0:
+            bound += f" x output peak {w.metrics.ref_peak:.3g}"
         return (
             f"{verdict}: {self.precision} worst max-abs {w.metrics.max_abs:.2e} "
-            f"(threshold {self.threshold.max_abs:g}) over {len(self.cases)} inputs, "
-            f"{w.candidate} vs {w.reference}"
+            f"({bound}) over {len(self.cases)} inputs, {w.candidate} vs {w.reference}"
         )
 
     def to_dict(self) -> dict[str, Any]:
