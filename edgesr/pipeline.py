@@ -281,7 +281,8 @@ def export_model(
                                          min_size=spec.size_rule.min_size, metadata=meta)
                 else:
                     result = export_tflite(safe, tmp_art, input_range=spec.input_range, input_size=size,
-                                           metadata=meta)
+                                           multiple_of=spec.size_rule.multiple_of,
+                                           min_size=spec.size_rule.min_size, metadata=meta)
             except EdgeSRError:
                 raise
             except Exception as e:  # converter failures become one clear line
