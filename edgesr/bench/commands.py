@@ -48,6 +48,13 @@ class _RichProgress:
         self.started = False
 
     def start(self, total: int) -> None:
+        # Called once the plan is valid (bad input has failed by now, with its one-line error).
+        from .device_bench import load_average
+
+        load, ncpu = load_average(), os.cpu_count() or 1
+        if load is not None and load > 0.5 * ncpu:
+            err.print(f"[yellow]warning:[/] this machine is busy (load average {load:g} on {ncpu} cores); "
+                      "latency figures will be contended", soft_wrap=True)
         self.p.start()
         self.task = self.p.add_task("bench", total=total)
 
@@ -99,12 +106,6 @@ def register(app: typer.Typer) -> None:
         if artifacts or model or weights:
             settings = BenchSettings(threads=_threads(threads), runs=runs, warmup=warmup, sizes=_sizes(sizes),
                                      runtimes=_csv(runtimes) or None, label=label, verify=verify, peak=peak)
-            from .device_bench import load_average
-
-            load, ncpu = load_average(), os.cpu_count() or 1
-            if load is not None and load > 0.5 * ncpu:
-                err.print(f"[yellow]warning:[/] this machine is busy (load average {load:g} on {ncpu} cores); "
-                          "latency figures will be contended", soft_wrap=True)
             progress = _RichProgress()
             if artifacts:
                 doc = bench_artifacts(artifacts, settings, progress)

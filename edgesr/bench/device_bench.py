@@ -474,6 +474,8 @@ def main(argv=None) -> int:
     if not args.artifact:
         ap.error("give the artifact path (no bundle information in this script)")
     path = args.artifact
+    if not os.path.isfile(path):
+        ap.error(f"artifact not found: {path}")
     fmt = "tflite" if path.endswith((".tflite", ".lite")) else "onnx"
     runtime = FAMILY_OF_FORMAT[fmt]
     layout = art.get("layout") or ("NHWC" if fmt == "tflite" else "NCHW")

@@ -314,7 +314,6 @@ _LAYOUTS = {
     "large": (("block1", "block2", "blockm", "block3", "block4"), ("v4",) * 5,
               (("block1", 0), ("block2", 1), ("blockm", 2), ("block3", 1), ("block4", 0))),
 }
-_WIDTH_OF = {"block1": 0, "block2": 1, "blockm": -1, "block3": 1, "block4": 0}
 
 
 class PlainUSR(nn.Module):
