@@ -81,11 +81,14 @@ def export_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads for verification."),
 ) -> None:
     """Export a model to ONNX or TFLite and verify it against the train-form PyTorch model."""
-    from .pipeline import export_model, obtain_model, parse_size
+    from .models.registry import get_spec
+    from .pipeline import export_model, obtain_model, parse_size, plan_export
 
     size = parse_size(input_size) if input_size else None
     if model is None and weights is None:
         raise EdgeSRError("give --model NAME (random weights) or --weights CHECKPOINT")
+    if model is not None:  # validate flags before loading anything (the checkpoint is checked on load)
+        plan_export(get_spec(model), fmt.value, size, dynamic, output, variant, scale)
     t = time.perf_counter()
     loaded = obtain_model(model, variant, scale, weights)
     _stage_printer()("load", time.perf_counter() - t)
@@ -187,13 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         return 130
-    except Exception as e:  # click usage errors and genuine bugs
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:  # usage errors and genuine bugs
+        usage_error = getattr(e, "show", None)
+        if isinstance(e, typer.TyperException) and callable(usage_error):  # typer's (vendored) click errors
+            usage_error()
+            return getattr(e, "exit_code", 2)
+        if isinstance(e, typer.Abort):
             return 1
         if os.environ.get("EDGESR_DEBUG"):
             raise

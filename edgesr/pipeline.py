@@ -212,9 +212,34 @@ class ExportOutcome:
     report: dict = field(default_factory=dict)
 
 
-def default_output(loaded: LoadedModel, fmt: str, size: tuple[int, int], dynamic: bool) -> Path:
-    shape = "dyn" if dynamic else f"{size[0]}x{size[1]}"
-    return Path("edgesr-out") / f"{loaded.spec.name}_{loaded.variant}_x{loaded.scale}_{shape}{FORMATS[fmt]}"
+def plan_export(
+    spec: ModelSpec,
+    fmt: str,
+    size: tuple[int, int] | None,
+    dynamic: bool,
+    output: str | os.PathLike | None,
+    variant: str | None = None,
+    scale: int | None = None,
+) -> tuple[tuple[int, int], Path]:
+    """Validate an export request before any work: returns the input size and output path."""
+    if fmt not in FORMATS:
+        raise EdgeSRError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if dynamic and fmt != "onnx":
+        raise ExportError("--dynamic is only supported for ONNX (TFLite graphs are static-shape)")
+    if dynamic and not spec.dynamic_shapes:
+        raise ExportError(f"{spec.name}'s deploy form bakes its input size into the graph; export it without --dynamic")
+    size = size or _default_size(spec)
+    check_size(spec, size)
+    if output:
+        out = Path(output)
+    else:
+        v = spec.variant(variant)
+        shape = "dyn" if dynamic else f"{size[0]}x{size[1]}"
+        out = Path("edgesr-out") / f"{spec.name}_{v.name}_x{spec.resolve_scale(v, scale)}_{shape}{FORMATS[fmt]}"
+    if out.suffix != FORMATS[fmt]:
+        raise EdgeSRError(f"output {out} should end in {FORMATS[fmt]} for --format {fmt}")
+    ensure_writable_dir(out.parent)
+    return size, out
 
 
 def export_model(
@@ -233,18 +258,7 @@ def export_model(
     from .export.metadata import write_metadata
 
     spec = loaded.spec
-    if fmt not in FORMATS:
-        raise EdgeSRError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-    if dynamic and fmt != "onnx":
-        raise ExportError("--dynamic is only supported for ONNX (TFLite graphs are static-shape)")
-    if dynamic and not spec.dynamic_shapes:
-        raise ExportError(f"{spec.name}'s deploy form bakes its input size into the graph; export it without --dynamic")
-    size = size or _default_size(spec)
-    check_size(spec, size)
-    out = Path(output) if output else default_output(loaded, fmt, size, dynamic)
-    if out.suffix != FORMATS[fmt]:
-        raise EdgeSRError(f"output {out} should end in {FORMATS[fmt]} for --format {fmt}")
-    ensure_writable_dir(out.parent)
+    size, out = plan_export(spec, fmt, size, dynamic, output, loaded.variant, loaded.scale)
 
     t = time.perf_counter()
     folded, fold_report = fold(loaded.model, probe=_fold_probe(spec))

@@ -23,12 +23,14 @@ def run_cli(*args, cwd=None):
 
 
 def assert_one_line_error(rc, err, code=2, needle=None):
+    """Exactly one error line, and it is the last thing printed (progress lines may precede it)."""
     assert rc == code, err
     lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
+    errors = [l for l in lines if l.startswith(("error:", "internal error:", "Error:", "Usage:"))]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
     assert "Traceback" not in err
     if needle:
-        assert needle in lines[0], lines[0]
+        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(
