@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reparam.rules import register_fold, register_rewrite
+from ..reparam.rules import conv_from_kernel, register_fold, register_rewrite
 from ..reparam.safe_ops import WindowSoftPool2d
 from .registry import ModelSpec, SizeRule, StateDict, Variant, register
 
@@ -164,12 +164,7 @@ class RepMBConv(nn.Module):
 
 @register_fold(RepMBConv)
 def _fold_repmbconv(m: RepMBConv) -> nn.Module:
-    w, b = m.folded()
-    conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(w.detach())
-        conv.bias.copy_(b.detach())
-    return conv
+    return conv_from_kernel(*m.folded(), padding=1)
 
 
 class PConv(nn.Module):

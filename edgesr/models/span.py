@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reparam.rules import register_fold
+from ..reparam.rules import conv_from_kernel, register_fold
 from .registry import ModelSpec, SizeRule, StateDict, Variant, register
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -119,12 +119,7 @@ class Conv3XC(nn.Module):
 
 @register_fold(Conv3XC)
 def _fold_conv3xc(m: Conv3XC) -> nn.Module:
-    w, b = m.folded()
-    conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(w.detach())
-        conv.bias.copy_(b.detach())
-    return conv
+    return conv_from_kernel(*m.folded(), padding=1)
 
 
 class SPAB(nn.Module):

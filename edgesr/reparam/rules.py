@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, TypeVar
 
+import torch
 from torch import nn
 
 FoldRule = Callable[[nn.Module], nn.Module]
@@ -57,6 +58,16 @@ def register_rewrite(*types: type) -> Callable[[F], F]:
         return fn
 
     return deco
+
+
+def conv_from_kernel(weight: torch.Tensor, bias: torch.Tensor, padding: int = 1) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` holding a folded kernel (the usual result of a fold rule)."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[-1], padding=padding)
+    conv = conv.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.detach())
+        conv.bias.copy_(bias.detach())
+    return conv
 
 
 def _fold_for(module: nn.Module) -> FoldRule | None:
