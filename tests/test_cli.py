@@ -112,3 +112,42 @@ def test_reparam_command_writes_loadable_deploy_checkpoint(tmp_path):
 def test_models_lists_every_registered_variant():
     rc = main(["models", "--no-macs"])
     assert rc == 0
+
+
+def test_parity_failure_exits_1_and_marks_the_artifact(tmp_path, monkeypatch, capsys):
+    """A missed threshold keeps the artifact (for inspection) but marks it failed everywhere."""
+    from dataclasses import replace
+
+    from edgesr.export.metadata import read_metadata
+    from edgesr.runtime import parity
+
+    strict = replace(parity.THRESHOLDS["fp32"], max_abs=0.0)  # nothing non-trivial passes a zero bound
+    monkeypatch.setitem(parity.THRESHOLDS, "fp32", strict)
+    out = tmp_path / "span.onnx"
+    rc = main(["export", "--model", "span", "--scale", "2", "--format", "onnx", "--input-size", "16x12",
+               "--output", str(out)])
+    assert rc == 1
+    assert "parity FAILED" in capsys.readouterr().err
+    report = json.loads(Path(str(out) + ".json").read_text())
+    assert report["passed"] is False
+    assert read_metadata(out)["parity"].startswith("FAILED")
+
+
+def test_parity_command_x86_with_images_json_markdown(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "m.tflite"
+    assert main(["export", "--model", "safmnpp", "--variant", "light", "--format", "tflite",
+                 "--input-size", "16x24", "--output", str(out)]) == 0
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.open(Path(edgesr.__file__).parent / "data" / "images" / "coffee.png").save(images / "c.png")
+    j, md = tmp_path / "p.json", tmp_path / "p.md"
+    rc = main(["parity", str(out), "--images", str(images), "--json", str(j), "--markdown", str(md)])
+    assert rc == 0
+    rep = json.loads(j.read_text())
+    assert rep["passed"] and {c["input"].split()[0] for c in rep["cases"]} == {"random(seed=0)", "image[0]"}
+    assert "PASSED" in md.read_text()
+    # A static artifact cannot be checked at another size; a missing artifact is a clean error.
+    assert main(["parity", str(out), "--sizes", "32x32"]) == 2
+    assert main(["parity", str(tmp_path / "missing.onnx")]) == 2
