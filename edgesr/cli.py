@@ -20,7 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Export efficient super-resolution networks to ONNX and TFLite with verified parity.",
 )
-out = Console(soft_wrap=True)
+# In logs and pipes rich would squeeze tables to 80 columns; give them room instead.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -47,7 +48,8 @@ def models_cmd(
     import torch
 
     table = Table(title="edgesr models")
-    for col in ("model", "variant", "scales", "params (train form)", "MACs / input px", "input range", "size rule", "dynamic"):
+    for col in ("model", "variant", "scales", "params (train form)", "MACs / input px (deploy, 64px)", "input range",
+                "size rule", "dynamic"):
         table.add_column(col)
     for spec in all_specs():
         for v in spec.variants:
