@@ -84,12 +84,15 @@ def check_result_doc(doc, runtimes, threads):
         assert r["gflops"] == pytest.approx(2 * r["macs"] / (lat["median"] / 1e3) / 1e9, rel=1e-9)
         # < 100 + a margin: the cell and its sgemm probe are timed at different moments on a shared machine
         assert 0 < r["pct_of_peak"] < 120, (r["runtime"], r["threads"], r["gflops"], r["peak_gflops"])
+        assert 0 < r["pct_of_machine_peak"] <= r["pct_of_peak"]
         mem = r["memory"]
         assert mem["rss_before_load_mb"] > 5 and mem["peak_rss_mb"] >= mem["rss_before_load_mb"]
         assert mem["model_mb"] >= 0
     for p in doc["peaks"]:
         assert p["error"] is None, p["error"]
         assert p["gflops"] > 0.5 and p["gemm"]["macs"] == Gemm().macs
+        assert p["probes"] == 2  # before and after the cells
+        assert p["gflops"] == pytest.approx(2 * p["gemm"]["macs"] / (p["latency_ms"]["min"] / 1e3) / 1e9, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- pure parts

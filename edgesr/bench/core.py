@@ -23,6 +23,7 @@ torch-train/-folded cells GFLOP/s is *effective* throughput (useful work per sec
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ def _execute(plan: _Plan, settings: BenchSettings, progress: Progress, resolve=N
     from ..pipeline import runtime_versions
 
     families = sorted({(family_of(c.job["runtime"]), c.job["threads"]) for c in plan.cells})
-    total = len(plan.exports) + len(plan.macs) + (len(families) if settings.peak else 0) + len(plan.cells)
+    total = len(plan.exports) + len(plan.macs) + (2 * len(families) if settings.peak else 0) + len(plan.cells)
     progress.start(total)
     doc = db.new_document(settings.label, runtime_versions(), settings.runs, settings.warmup)
     doc["settings"]["gemm"] = settings.gemm.as_dict()
@@ -220,11 +221,12 @@ def _execute(plan: _Plan, settings: BenchSettings, progress: Progress, resolve=N
         for key, fn in plan.macs.items():
             progress.step(f"count MACs {key[0]} {key[3]} {key[4][0]}x{key[4][1]}")
             macs[key] = fn()
-        if settings.peak:
-            with tempfile.TemporaryDirectory(prefix="edgesr-peak-") as d:
-                for family, t in families:
-                    progress.step(f"peak sgemm · {family} · {t} thr")
-                    doc["peaks"].append(_measure_peak(family, t, settings, Path(d)))
+        peak_dir = Path(tempfile.mkdtemp(prefix="edgesr-peak-"))
+        first = []
+        if settings.peak:  # probed before and after the cells: a busy moment must not lower the peak
+            for family, t in families:
+                progress.step(f"peak sgemm (before) · {family} · {t} thr")
+                first.append(_measure_peak(family, t, settings, peak_dir))
         for cell in plan.cells:
             progress.step(cell.desc)
             error = resolve(cell) if resolve else None
@@ -237,7 +239,12 @@ def _execute(plan: _Plan, settings: BenchSettings, progress: Progress, resolve=N
                 samples_s=res.get("samples_s"), output_hw=db.output_hw_of(res.get("output_shape"), "NCHW"),
                 macs=macs.get(cell.macs_key), memory=res.get("memory"),
                 runtime_version=res.get("runtime_version"), error=res.get("error"), **cell.fields))
+        if settings.peak:
+            for (family, t), before in zip(families, first):
+                progress.step(f"peak sgemm (after) · {family} · {t} thr")
+                doc["peaks"].append(db.merge_peak(before, _measure_peak(family, t, settings, peak_dir)))
     finally:
+        shutil.rmtree(peak_dir, ignore_errors=True)
         progress.done()
     db.attach_peaks(doc)
     return doc
@@ -251,7 +258,7 @@ def _measure_peak(family: str, threads: int, settings: BenchSettings, directory:
         return db.peak_record(family=family, threads=threads, gemm=g.as_dict(), error=f"{type(e).__name__}: {e}")
     job = {"kind": "peak", "runtime": family, "path": str(path) if path else None, "threads": threads,
            "gemm": {"k": g.k, "h": g.h, "w": g.w, "layers": g.layers, "channels": g.channels}, "input_shape": list(g.input_shape),
-           "runs": max(3, min(settings.runs, 10)), "warmup": 1}
+           "runs": db.PEAK_RUNS, "warmup": db.PEAK_WARMUP}
     res = db.run_child(WORKER, job, timeout=settings.timeout)
     return db.peak_record(family=family, threads=threads, gemm=g.as_dict(), samples_s=res.get("samples_s"),
                           runtime_version=res.get("runtime_version"), error=res.get("error"))
