@@ -4,7 +4,8 @@ folded PyTorch vs onnxruntime vs LiteRT, with GMAC and best-exported / eager-fol
 
     python benchmarks/models_latency.py [--runs 5] [--threads 2] [--size 256] [--models span,safmn] [--json out.json]
 
-Every cell runs in its own process (see edgesr.bench).  Goal: best exported >= 1.5x
+Each model is benchmarked by `edgesr bench --model` in its own process, and every cell
+of it in a worker process of its own (see edgesr.bench).  Goal: best exported >= 1.5x
 faster than eager folded.  Run on an otherwise idle machine.
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-from edgesr.bench import BenchSettings, bench_model
-from edgesr.errors import EdgeSRError
+from edgesr.bench import load_result
 from edgesr.models import all_specs
 
 RUNTIMES = ["torch-folded", "onnxruntime", "litert"]
@@ -43,13 +46,19 @@ def main() -> int:
         m, lo = spec.size_rule.multiple_of, spec.size_rule.min_size
         side = -(-max(args.size, lo) // m) * m
         print(f"== {spec.name} {v.name} x{v.default_scale} at {side}x{side}", file=sys.stderr, flush=True)
-        settings = BenchSettings(threads=[args.threads], runs=args.runs, warmup=args.warmup,
-                                 sizes=[(side, side)], runtimes=RUNTIMES)
-        try:
-            doc = bench_model(spec.name, v.name, v.default_scale, None, settings)
-        except EdgeSRError as e:
-            rows.append(f"| {spec.name} | {v.name} | {side}² | error: {e} |" + " |" * 8)
-            continue
+        # One process per model: exporters keep caches, and six models in one process grew to >7 GB.
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "r.json"
+            proc = subprocess.run([sys.executable, "-m", "edgesr.cli", "bench", "--model", spec.name, "--variant",
+                                   v.name, "--scale", str(v.default_scale), "--sizes", f"{side}x{side}",
+                                   "--runtimes", ",".join(RUNTIMES), "--threads", str(args.threads), "--runs",
+                                   str(args.runs), "--warmup", str(args.warmup), "--json", str(out)],
+                                  stdout=subprocess.DEVNULL)
+            if not out.exists():
+                rows.append(f"| {spec.name} | {v.name} | {side}² | error: bench exited {proc.returncode} |"
+                            + " |" * 8)
+                continue
+            doc = load_result(out)
         docs.append(doc)
         cell = {r["runtime"]: r for r in doc["results"]}
         ms = {rt: c["latency_ms"]["median"] for rt, c in cell.items() if not c.get("error")}
@@ -58,7 +67,7 @@ def main() -> int:
         best = min(exported, key=exported.get) if exported else None
         ratio = ms["torch-folded"] / exported[best] if (best and "torch-folded" in ms) else None
         macs = next((c["macs"] for c in cell.values() if c.get("macs")), None)
-        goal = "-" if ratio is None else ("met" if ratio >= 1.5 else f"MISSED by {1.5 - ratio:.2f}x")
+        goal = "-" if ratio is None else ("met" if ratio >= 1.5 else f"MISSED by {1.5 - ratio:.3f}x")
         errs = "; ".join(f"{rt}: {c['error']}" for rt, c in cell.items() if c.get("error"))
         rows.append(f"| {spec.name} | {v.name} x{v.default_scale} | {side}² | {f(macs and macs / 1e9, '.2f')} | "
                     f"{f(ms.get('torch-folded'))} | {f(ms.get('onnxruntime'))} | {f(ms.get('litert'))} | "

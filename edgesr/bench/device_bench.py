@@ -499,6 +499,8 @@ def main(argv=None) -> int:
         ap.error(f"artifact not found: {path}")
     fmt = "tflite" if path.endswith((".tflite", ".lite")) else "onnx"
     runtime = FAMILY_OF_FORMAT[fmt]
+    if art.get("file") and os.path.basename(path) != art["file"]:
+        art = {}  # another artifact than the bundled one: its recorded facts do not apply
     layout = art.get("layout") or ("NHWC" if fmt == "tflite" else "NCHW")
     ncpu = os.cpu_count() or 1
     threads = _parse_list(args.threads, int) if args.threads else sorted({1, ncpu})
@@ -517,7 +519,8 @@ def main(argv=None) -> int:
     me = [sys.executable, os.path.abspath(__file__), "--_cell"]
 
     peak_info = BUNDLE.get("peak") or {}
-    do_peak = not args.no_peak and peak_info.get("file") and os.path.exists(_here(peak_info["file"]))
+    do_peak = (not args.no_peak and peak_info.get("file") and os.path.exists(_here(peak_info["file"]))
+               and peak_info["file"].endswith("." + fmt))
 
     def probe_peaks(when):
         out = []

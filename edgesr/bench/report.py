@@ -154,13 +154,18 @@ def plot(docs: Sequence[dict], path: str | os.PathLike, local_count: int | None 
                 continue
             key = (_host(doc), r.get("label") or r.get("artifact") or "?", r["runtime"], r["threads"], imported)
             series.setdefault(key, []).append((r["output_mpix"], r["latency_ms"]["median"]))
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    markers = "osD^vP*Xh"
-    for j, (key, pts) in enumerate(sorted(series.items(), key=lambda kv: tuple(map(str, kv[0])))):
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    # colour: runtime; marker: thread count; dashed line and open marker: imported (device) results
+    runtimes = sorted({k[2] for k in series})
+    colours = {rt: plt.get_cmap("tab10")(i % 10) for i, rt in enumerate(runtimes)}
+    thread_counts = sorted({k[3] for k in series})
+    markers = {t: "osD^vP*Xh"[i % 9] for i, t in enumerate(thread_counts)}
+    for key, pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
         host, label, runtime, threads, imported = key
         pts.sort()
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker=markers[j % len(markers)], linestyle="--" if imported else "-",
+        ax.plot(xs, ys, color=colours[runtime], marker=markers[threads], linestyle="--" if imported else "-",
+                markerfacecolor="none" if imported else colours[runtime],
                 label=f"{host}: {label} · {runtime} · {threads} thr")
     ax.set_xlabel("output megapixels")
     ax.set_ylabel("median latency (ms)")
