@@ -307,3 +307,58 @@ def test_real_span_fold_keeps_every_weight(tmp_path):
     for x in (noise_image(20, 18).numpy(), real_image(20, 18).numpy()):
         a = ref.run(x)
         assert np.abs(a - art.run(x)).max() <= TOL * max(1.0, float(np.abs(a).max()))
+
+
+class SpectralToy(nn.Module):
+    """rfft2 -> per-bin gain -> irfft2 through the export-safe DFT, large enough to be factorized.
+
+    Factorized DFT stages multiply by 3-D bases broadcast over the batch; PyTorch sees those
+    bases materialized (expand + copy -> bmm) and the converter broadcasts them at run time
+    (BROADCAST_TO -> BATCH_MATMUL).  The weight check must see through both, not call it a merge.
+    """
+
+    def __init__(self, h: int, w: int, c: int = 8):
+        super().__init__()
+        from edgesr.reparam.dft import RealIRFFT2, RealRFFT2
+
+        self.head = nn.Conv2d(3, c, 1)
+        self.fwd, self.inv = RealRFFT2(h, w, "backward"), RealIRFFT2(h, w, "backward")
+        self.gain = nn.Parameter(torch.rand(c, h, w // 2 + 1) + 0.5)
+        self.tail = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        re, im = self.fwd(self.head(x))
+        return self.tail(self.inv(re * self.gain, im * self.gain))
+
+
+def test_factorized_dft_passes_the_weight_check_with_parity(tmp_path):
+    """The 256x256 DarkIR/SRConvNet false alarm ("139 distinct constant weights for 145"), in small."""
+    h, w = 130, 72  # H > DIRECT_MAX: factorized with broadcast 3-D bases; W direct
+    torch.manual_seed(0)
+    model = SpectralToy(h, w).eval()
+    r = export_tflite(model, tmp_path / "fft.tflite", input_size=(h, w))
+    c = r.checks
+    assert r.ops.get("BATCH_MATMUL", 0) >= 2, r.ops
+    assert c["distinct_weights_tflite"] >= c["distinct_weights_torch"] >= 4, c
+    ref, art = TorchRunner(model), LiteRTRunner(r.path, threads=2)
+    for x in (noise_image(h, w, seed=3).numpy(), real_image(h, w).numpy()):
+        a = ref.run(x)
+        assert np.abs(a - art.run(x)).max() <= 1e-4 * max(1.0, float(np.abs(a).max()))
+
+
+def test_torch_signature_of_a_broadcast_basis_is_the_basis():
+    """A (p, n, m) basis broadcast over a batch is one weight (the p-periodic bmm operand)."""
+
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.basis = nn.Parameter(torch.randn(4, 5, 6))
+
+        def forward(self, x):  # (6, 4, 1, 5) @ (4, 5, 6): bmm over 24 with the basis copied 6x
+            return x.reshape(6, 4, 1, 5) @ self.basis
+
+    m = Broadcast()
+    sig = torch_weight_signatures(m, torch.randn(1, 3, 8, 5))
+    from edgesr.export.tflite import content_signature
+
+    assert dict(sig) == {content_signature(m.basis.detach().numpy()): 1}

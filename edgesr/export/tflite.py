@@ -244,9 +244,28 @@ class _ConstantWeights(TorchDispatchMode):
 
 
 def _unexpand(t: torch.Tensor) -> np.ndarray:
-    """Drop broadcast (stride-0) dimensions: ``w.expand(B, ...)`` is one weight, not B."""
+    """The weight a converter stores for ``t``: broadcast and batch tiling removed.
+
+    ``w.expand(B, ...)`` is one weight, not B (stride-0 dimensions are dropped).  And
+    ``matmul(x, w)`` with a 3-D ``w`` broadcast over x's leading dims reaches this level
+    as ``bmm`` with ``w`` *materialized* B/p times (expand + reshape copies), while a
+    converter keeps ``w`` and broadcasts (TFLite BATCH_MATMUL): a bmm operand whose
+    batch is the periodic repetition of its first ``p`` entries counts as those ``p``.
+    """
     index = tuple(0 if s == 0 and n > 1 else slice(None) for s, n in zip(t.stride(), t.shape))
-    return t[index].detach().to(torch.float32).contiguous().numpy()
+    t = t[index].detach().to(torch.float32)
+    if t.dim() == 3:
+        t = t[: _batch_period(t)]
+    return t.contiguous().numpy()
+
+
+def _batch_period(t: torch.Tensor) -> int:
+    """Smallest p dividing t.shape[0] such that t is its first p entries repeated."""
+    batch = t.shape[0]
+    for p in range(1, batch):
+        if batch % p == 0 and torch.equal(t.reshape(batch // p, p, *t.shape[1:]), t[:p].expand(batch // p, *t[:p].shape)):
+            return p
+    return batch
 
 
 def torch_weight_signatures(module: nn.Module, x: torch.Tensor) -> Counter[str]:
@@ -324,6 +343,7 @@ def inspect_tflite(data: bytes) -> TFLiteInfo:
     ops: list[str] = []
     weights: list[WeightUse] = []
     sg = model.subgraphs[0]
+    producer = {o: op for op in sg.operators or [] for o in op.outputs if o >= 0}
     for k, op in enumerate(sg.operators or []):
         name = codes[op.opcodeIndex]
         ops.append(name)
@@ -332,7 +352,7 @@ def inspect_tflite(data: bytes) -> TFLiteInfo:
         for pos in WEIGHT_OPS.get(name, ()):
             if op.inputs is None or pos >= len(op.inputs) or op.inputs[pos] < 0:
                 continue
-            t = sg.tensors[op.inputs[pos]]
+            t = sg.tensors[_constant_source(op.inputs[pos], sg, producer, codes)]
             raw = _buffer_bytes(model, t.buffer, data) if t.buffer > 0 else b""
             tname = (t.name or b"").decode("utf-8", "replace")
             if raw:
@@ -355,6 +375,23 @@ def inspect_tflite(data: bytes) -> TFLiteInfo:
         weights=weights,
         metadata_names=[(m.name or b"").decode() for m in model.metadata or []],
     )
+
+
+# ops that only rearrange or repeat their first input: a weight fed through them is still that weight
+_LAYOUT_OPS = frozenset({"RESHAPE", "BROADCAST_TO", "TRANSPOSE", "EXPAND_DIMS", "SQUEEZE"})
+
+
+def _constant_source(index: int, sg, producer: dict, codes: list[str]) -> int:
+    """The tensor a weight operand comes from, through layout-only ops.
+
+    The converter broadcasts a 3-D matmul basis at run time (``BROADCAST_TO`` -> ``RESHAPE``
+    -> ``BATCH_MATMUL``) instead of storing B copies; the weight is the constant at the
+    start of that chain.  Returns ``index`` itself when the chain starts at a computed tensor.
+    """
+    seen = index
+    while index in producer and codes[producer[index].opcodeIndex] in _LAYOUT_OPS:
+        index = producer[index].inputs[0]
+    return index if index not in producer and sg.tensors[index].buffer > 0 else seen
 
 
 def check_tflite(info: TFLiteInfo, expected: Mapping[str, int] | None = None) -> dict[str, Any]:
