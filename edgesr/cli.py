@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EdgeSRError
@@ -98,12 +99,12 @@ def export_cmd(
         err.print(f"[yellow]warning:[/] no --weights given: exporting {loaded.spec.name} {loaded.variant} "
                   f"x{loaded.scale} with seeded random weights (fine for latency work, useless for images)")
     else:
-        err.print(f"[dim]weights: {loaded.source}[/]")
+        err.print(f"[dim]weights: {escape(str(loaded.source))}[/]")
     result = export_model(loaded, fmt.value, size=size, dynamic=dynamic, output=output,
                           verify=not no_verify, threads=threads, progress=_stage_printer())
     _print_parity_summary(result.report)
-    out.print(f"artifact: {result.artifact}")
-    out.print(f"report:   {result.report_json}  ({result.report_md.name})")
+    out.print(f"artifact: {escape(str(result.artifact))}")
+    out.print(f"report:   {escape(str(result.report_json))}  ({escape(result.report_md.name)})")
     if result.passed is False:
         err.print("[red]error:[/] parity FAILED: the artifact does not match PyTorch within the fp32 threshold; "
                   "it is kept for inspection and marked failed in its report and metadata")
@@ -116,7 +117,7 @@ def _print_parity_summary(report: dict) -> None:
         err.print("[yellow]warning:[/] not verified (--no-verify)")
         return
     colour = "green" if report["passed"] else "red"
-    err.print(f"parity [{colour}]{parity['summary']}[/]", highlight=False)
+    err.print(f"parity [{colour}]{escape(parity['summary'])}[/]", highlight=False)
 
 
 @app.command("reparam")
@@ -140,7 +141,7 @@ def reparam_cmd(
     out.print(f"{loaded.spec.name} {loaded.variant} x{loaded.scale}: params {report.params_before:,} -> "
               f"{report.params_after:,}, MACs {report.macs_before / 1e9:.3f}G -> {report.macs_after / 1e9:.3f}G "
               f"on {report.probe_shape}, max-abs deviation {report.max_abs:.2e}")
-    out.print(f"wrote {output}")
+    out.print(f"wrote {escape(str(output))}")
 
 
 @app.command("parity")
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except EdgeSRError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("EDGESR_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {first} (set EDGESR_DEBUG=1 for the traceback)",
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(first)} (set EDGESR_DEBUG=1 for the traceback)",
                   highlight=False)
         return 3
     return rc if isinstance(rc, int) else 0

@@ -57,9 +57,10 @@ def test_unknown_format_is_usage_error(tmp_path):
 
 
 def test_checkpoint_errors_via_cli(tmp_path):
-    missing = tmp_path / "missing.pth"
+    missing = tmp_path / "[red]" / "[/]missing.pth"  # markup-like path: the error must quote it verbatim
     rc, _, err = run_cli("export", "--weights", missing, "--format", "onnx", "--output", tmp_path / "a.onnx")
     assert_one_line_error(rc, err, 2, "not found")
+    assert "[red]" in err and "[/]missing.pth" in err
     sd = edgesr.create_model("span").state_dict()
     ck = tmp_path / "span.pth"
     torch.save({"params": sd}, ck)
@@ -87,6 +88,8 @@ def test_unwritable_output(tmp_path):
 
 
 def test_export_span_onnx_end_to_end(tmp_path):
+    # a directory name that is also rich console markup must be printed verbatim, not parsed
+    tmp_path = tmp_path / "[bold]" / "[/x]"
     out = tmp_path / "span.onnx"
     rc, stdout, err = run_cli("export", "--model", "span", "--format", "onnx", "--input-size", "24x20", "--output", out)
     assert rc == 0, err

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import EdgeSRError
 
@@ -62,7 +63,7 @@ class _RichProgress:
         if self.started:
             self.p.advance(self.task)
         self.started = True
-        self.p.update(self.task, description=description)
+        self.p.update(self.task, description=escape(description))
 
     def done(self) -> None:
         if self.task is not None:
@@ -129,10 +130,10 @@ def register(app: typer.Typer) -> None:
             plot(docs, plot_out, local_count=len(local))
         for what, path in (("json", json_out), ("markdown", md_out), ("plot", plot_out)):
             if path:
-                err.print(f"[dim]{what}: {path}[/]")
+                err.print(f"[dim]{what}: {escape(str(path))}[/]")
         failed = [r for d in local for r in d["results"] if r.get("error")]
         if failed:
-            err.print(f"[yellow]warning:[/] {len(failed)} cell(s) failed; first: {failed[0]['error']}")
+            err.print(f"[yellow]warning:[/] {len(failed)} cell(s) failed; first: {escape(str(failed[0]['error']))}")
             raise typer.Exit(1)
 
     @app.command("bundle")
@@ -146,7 +147,7 @@ def register(app: typer.Typer) -> None:
         from .bundle import write_bundle
 
         path = write_bundle(artifact, output, force=force, sizes=_sizes(sizes))
-        out.print(f"bundle: {path}")
+        out.print(f"bundle: {escape(str(path))}")
         for f in sorted(path.iterdir()):
-            out.print(f"  {f.name}  ({f.stat().st_size / 1e6:.2f} MB)")
+            out.print(f"  {escape(f.name)}  ({f.stat().st_size / 1e6:.2f} MB)")
         out.print("on the device: pip install -r requirements.txt && python3 edgesr_bench.py --label NAME", soft_wrap=True)

@@ -98,6 +98,7 @@ def peak_rows(docs: Sequence[dict]) -> list[list[str]]:
 
 
 def rich_tables(docs: Sequence[dict]):
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="edgesr bench (latency: wall time per run; % peak: vs the measured sgemm peak)")
@@ -105,12 +106,12 @@ def rich_tables(docs: Sequence[dict]):
         t.add_column(h, justify="right" if h not in ("host", "model", "runtime", "input") else "left",
                      no_wrap=True)
     for r in rows(docs):
-        t.add_row(*r)
+        t.add_row(*map(escape, r))
     p = Table(title="measured fp32 peak (large sgemm through each runtime)")
     for h in PEAK_HEADERS:
         p.add_column(h)
     for r in peak_rows(docs):
-        p.add_row(*r)
+        p.add_row(*map(escape, r))
     return t, p
 
 
