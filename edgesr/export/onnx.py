@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, SizeRuleError
 from ..io import atomic_path, ensure_writable_dir
 from .metadata import merge_metadata, set_onnx_metadata
 from .wrap import (
@@ -67,6 +67,7 @@ def export_onnx(
     metadata: Mapping[str, object] | None = None,
     simplify: bool = False,
     keep_debug_info: bool = False,
+    dynamic_min_size: int | None = None,
 ) -> ExportResult:
     """Export ``model`` (deploy form, NCHW, native range ``input_range``) to an ONNX file.
 
@@ -74,6 +75,10 @@ def export_onnx(
     ``input_size`` is the traced size (and the only accepted size unless ``dynamic``).
     With ``dynamic`` H and W are symbolic, constrained to multiples of ``multiple_of`` in
     ``[min_size, max_size]``; an exporter that specialises them raises :class:`ExportError`.
+    ``dynamic_min_size`` (default: ``dynamic_min_size`` of the ``size_rule`` JSON in
+    ``metadata``, as the pipeline records the spec's :class:`SizeRule`) raises the symbolic
+    dims' lower bound *for tracing* (``torch.export`` refuses ranges where an internal map
+    could be 1 px); the traced size must reach it (:class:`SizeRuleError`).
     ``simplify`` tries onnxslim and keeps its result only if it has fewer nodes, the same
     dynamic dims and the same onnxruntime outputs (off by default: on the zoo it removes
     0-7% of the nodes of the dynamo exporter's already optimised graph, with identical
@@ -101,8 +106,15 @@ def export_onnx(
 
     dynamic_shapes = None
     names = {}
+    trace_min = min_size
     if dynamic:
-        lo, hi = max(1, math.ceil(min_size / m)), max_size // m
+        # SizeRule.dynamic_min_size: from the argument, else from the spec's rule in the metadata
+        if dynamic_min_size is None:
+            dynamic_min_size = _rule_dynamic_min(metadata)
+        trace_min = max(min_size, int(dynamic_min_size))
+        if min(h, w) < trace_min:
+            raise SizeRuleError(f"a dynamic export of this model traces at H, W >= {trace_min}, got {h}x{w}")
+        lo, hi = max(1, math.ceil(trace_min / m)), max_size // m
         if hi < lo or max(h, w) > max_size:
             raise ExportError(f"max_size {max_size} is below the export size or the size rule's minimum")
         dim_h, dim_w = torch.export.Dim("H", min=lo, max=hi), torch.export.Dim("W", min=lo, max=hi)
@@ -156,7 +168,7 @@ def export_onnx(
     external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     probes = [x]
     if dynamic:
-        probes.append(wrapper.example_input(*_second_size(h, w, m, min_size, max_size), seed=1))
+        probes.append(wrapper.example_input(*_second_size(h, w, m, trace_min, max_size), seed=1))
     if not external:
         ref_outs = _check_runs(proto.SerializeToString(), probes, wrapper)
         if simplify:
@@ -183,6 +195,15 @@ def export_onnx(
 
 
 # --- shapes --------------------------------------------------------------------------
+
+
+def _rule_dynamic_min(metadata: Mapping[str, object] | None) -> int:
+    """``dynamic_min_size`` of the ``size_rule`` JSON in the metadata (0 if absent/unreadable)."""
+    try:
+        rule = json.loads(str((metadata or {}).get("size_rule") or "{}"))
+        return int(rule.get("dynamic_min_size", 0)) if isinstance(rule, dict) else 0
+    except (ValueError, TypeError):
+        return 0
 
 
 def _first_line(e: BaseException) -> str:

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import os
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,10 @@ class _ConstantWeights(TorchDispatchMode):
 
     def __init__(self, x: torch.Tensor):
         super().__init__()
-        self._runtime: dict[int, torch.Tensor] = {id(x): x}  # keeps ids alive and unique
+        # Weak: holding every intermediate would keep a whole forward pass of activations
+        # alive (10 GB for SRConvNet at 256x256); entries vanish with their tensors, so a
+        # recycled id() cannot be mistaken for a run-time tensor.
+        self._runtime: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary({id(x): x})
         self.uses: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

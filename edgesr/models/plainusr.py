@@ -443,7 +443,8 @@ SPEC = register(
         input_range=1.0,
         # LIA's SoftPool needs a 7x7 window; the ultra variants (no LIA) would accept 1px, but
         # the spec carries one rule for all variants (per-variant minimum in Variant.config).
-        size_rule=SizeRule(min_size=7),
+        # dynamic ONNX: torch.export guards on the pooled LIA maps being 1 px (H < 13)
+        size_rule=SizeRule(min_size=7, dynamic_min_size=13),
         dynamic_shapes=True,
         signature_keys=("head.weight", "block1.body.0.weight", "tail.0.weight"),
     )

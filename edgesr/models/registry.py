@@ -21,10 +21,20 @@ StateDict = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class SizeRule:
-    """Input sizes (H, W) a model accepts: ``H, W >= min_size`` and divisible by ``multiple_of``."""
+    """Input sizes (H, W) a model accepts: ``H, W >= min_size`` and divisible by ``multiple_of``.
+
+    ``dynamic_min_size`` (0 = ``min_size``): the lower bound given to the symbolic H/W
+    (``torch.export.Dim(min=...)``) when a dynamic ONNX export is traced, for models whose
+    internal maps shrink to 1 px near ``min_size``: ``torch.export`` guards on a size that
+    *could* be 1 (e.g. PlainUSR's pooled LIA maps, 1 px for H < 13) and refuses a range that
+    includes it.  It only constrains tracing -- a dynamic export must trace at a size
+    >= it, and the graph is checked at sizes >= it; ``min_size`` stays the accepted
+    minimum (static exports and the deploy form are unaffected).
+    """
 
     min_size: int = 1
     multiple_of: int = 1
+    dynamic_min_size: int = 0
 
     def check(self, height: int, width: int, what: str = "model") -> None:
         for name, v in (("height", height), ("width", width)):
@@ -47,7 +57,10 @@ class SizeRule:
         return ", ".join(parts) or "any"
 
     def as_dict(self) -> dict[str, int]:
-        return {"min_size": self.min_size, "multiple_of": self.multiple_of}
+        d = {"min_size": self.min_size, "multiple_of": self.multiple_of}
+        if self.dynamic_min_size > self.min_size:
+            d["dynamic_min_size"] = self.dynamic_min_size
+        return d
 
 
 @dataclass(frozen=True)

@@ -158,31 +158,39 @@ class ChannelLayerNorm(nn.Module):
 
 
 class WindowSoftPool2d(nn.Module):
-    """SoftPool ``AvgPool(e^x * x) / AvgPool(e^x)`` (no padding) as an overflow-free window softmax.
+    """SoftPool ``AvgPool(e^x * x) / AvgPool(e^x)`` (no padding), overflow-free and separable.
 
-    For every k x k window (stride s) of every channel, with ``m`` the window maximum and
-    ``d_i = x_i - m <= 0``::
+    The SoftPool value of a window is ``sum_i e^{x_i} x_i / sum_i e^{x_i}`` (the 1/k^2 of both
+    averages cancels).  It is computed in two passes with the online-softmax combination,
+    every exponent taken relative to a maximum so that no exponent is positive:
 
-        y = m + sum_i e^{d_i} d_i / sum_i e^{d_i}
+    1. **rows**: for every 1 x k row segment at horizontal stride s (every row),
+       ``r = max x``, ``S = sum e^{x-r}``, ``U = sum e^{x-r} (x-r)``;
+    2. **columns**: for every k x 1 column of those partials at vertical stride s,
+       ``M = max_j r_j``, ``a_j = e^{r_j-M}``, ``S' = sum_j a_j S_j``,
+       ``U' = sum_j (a_j U_j + (a_j (r_j-M)) S_j)`` and ``y = M + U'/S'``.
 
-    which is the SoftPool value ``sum_i e^{x_i} x_i / sum_i e^{x_i}`` rewritten (the 1/k^2 of
-    both averages and the factor e^m cancel).  Every exponent is <= 0 (no overflow), the
-    denominator is in [1, k^2] (the maximal tap gives e^0, so no 0/0) and every numerator
-    term ``e^d d`` lies in [-1/e, 0], so no intermediate exceeds the input's magnitude:
-    it stays finite in fp16 for inputs up to the fp16 range, where the original overflows
-    for x > ~11 (fp16) or ~88 (fp32).
+    Bounds: ``S, S'`` are in [1, k] and [1, k^2] (the maximal tap contributes e^0, so no 0/0);
+    ``e^d d`` and ``a (r-M)`` lie in [-1/e, 0]; ``U' >= -k^2/e``.  No intermediate exceeds
+    the input's magnitude (the differences ``x - r`` at most twice it), so the result is
+    finite in fp16 for inputs up to ~3e4, where the original overflows for x > ~11 (fp16) or
+    ~88 (fp32).  (``a (r-M)`` is formed before the product with ``S``: ``(r-M) S`` alone
+    could overflow fp16 where ``a`` underflows to 0, giving 0 * inf.)
 
-    Built only from convolutions with constant 0/1 kernels, a max-pool and elementwise
-    ops -- no reshape and no softmax over a non-channel axis -- so it exports with symbolic
-    H, W to ONNX and TFLite:
+    Built only from convolutions with constant 0/1 kernels, rectangular max-pools and
+    elementwise ops -- no reshape, no slicing, no reduction over a non-channel axis -- so it
+    exports with symbolic H, W to ONNX and to TFLite builtins:
 
-    - ``taps``: depthwise one-hot k x k conv (multiplier k^2): channel ``c*k^2 + t`` holds
-      tap ``t`` of channel ``c``.  Exact for finite inputs (one product by 1.0, others by 0).
-    - ``m``: ``max_pool2d(k, s)`` (exact), spread to the k^2 tap channels of its channel by a
-      depthwise 1x1 conv with ones (exact).
-    - ``gather``: a grouped 1x1 conv with ones (groups = channels) sums the k^2 taps of each
-      channel (converts to a grouped CONV_2D in TFLite; 3-4x cheaper than a dense
-      block-diagonal 1x1).
+    - ``row_taps`` / ``col_taps``: depthwise one-hot 1 x k / k x 1 convs (multiplier k,
+      stride s along the pooled axis): channel ``c*k + t`` holds tap ``t`` of channel ``c``.
+      Exact for finite inputs (one product by 1.0, the others by 0).
+    - maxima: ``max_pool2d((1, k), (1, s))`` and ``max_pool2d((k, 1), (s, 1))`` (exact), spread
+      to the k tap channels of their channel by a depthwise 1x1 conv with ones (exact).
+    - ``gather``: a grouped 1x1 conv with ones (groups = channels) sums the k taps.
+
+    Cost per input pixel and channel (k=7, s=3): the tap convs do ~2 k^2/s + 3 k^2/s^2 ~ 49
+    multiply-adds and the passes touch ~25 intermediate elements, against k^4/s^2 ~ 267 and
+    ~35 for a direct k^2-tap window softmax.
 
     Output size is ``floor((H - k) / s) + 1`` like ``AvgPool2d(k, s, padding=0)``; needs
     ``H, W >= k``.  ``channels`` fixes the constant kernels' sizes.
@@ -191,23 +199,33 @@ class WindowSoftPool2d(nn.Module):
     def __init__(self, channels: int, kernel_size: int = 7, stride: int | None = None):
         super().__init__()
         k = int(kernel_size)
-        k2 = k * k
         self.channels = int(channels)
         self.kernel_size = k
         self.stride = int(stride or k)
         c = self.channels
-        taps = torch.eye(k2).view(k2, 1, k, k).repeat(c, 1, 1, 1)
-        self.register_buffer("taps", taps, persistent=False)
-        self.register_buffer("spread", torch.ones(c * k2, 1, 1, 1), persistent=False)
-        self.register_buffer("gather", torch.ones(c, k2, 1, 1), persistent=False)
+        eye = torch.eye(k)
+        self.register_buffer("row_taps", eye.view(k, 1, 1, k).repeat(c, 1, 1, 1), persistent=False)
+        self.register_buffer("col_taps", eye.view(k, 1, k, 1).repeat(c, 1, 1, 1), persistent=False)
+        self.register_buffer("spread", torch.ones(c * k, 1, 1, 1), persistent=False)
+        self.register_buffer("gather", torch.ones(c, k, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.channels
-        p = F.conv2d(x, self.taps, stride=self.stride, groups=c)
-        m = F.max_pool2d(x, self.kernel_size, self.stride)
-        d = p - F.conv2d(m, self.spread, groups=c)
+        c, k, s = self.channels, self.kernel_size, self.stride
+        # rows: 1 x k segments, stride s along W
+        r = F.max_pool2d(x, (1, k), (1, s))
+        d = F.conv2d(x, self.row_taps, stride=(1, s), groups=c) - F.conv2d(r, self.spread, groups=c)
         e = torch.exp(d)
-        return m + F.conv2d(e * d, self.gather, groups=c) / F.conv2d(e, self.gather, groups=c)
+        row_s = F.conv2d(e, self.gather, groups=c)
+        row_u = F.conv2d(e * d, self.gather, groups=c)
+        # columns: k x 1 windows of row partials, stride s along H
+        m = F.max_pool2d(r, (k, 1), (s, 1))
+        dm = F.conv2d(r, self.col_taps, stride=(s, 1), groups=c) - F.conv2d(m, self.spread, groups=c)
+        a = torch.exp(dm)
+        st = F.conv2d(row_s, self.col_taps, stride=(s, 1), groups=c)
+        ut = F.conv2d(row_u, self.col_taps, stride=(s, 1), groups=c)
+        den = F.conv2d(a * st, self.gather, groups=c)
+        num = F.conv2d(a * ut + (a * dm) * st, self.gather, groups=c)
+        return m + num / den
 
 
 # --- Dynamic convolution -----------------------------------------------------------
