@@ -137,11 +137,42 @@ def reparam_cmd(
         raise EdgeSRError(f"output {output} should end in .safetensors, .pth or .pt")
     loaded = obtain_model(model, variant, scale, weights)
     folded, report = fold(loaded.model)
-    save_state_dict(folded.state_dict(), output)
+    sd = folded.state_dict()
+    if loaded.spec.deploy_checkpoint is not None:
+        sd = loaded.spec.deploy_checkpoint(sd)
+    reloadable = deploy_checkpoint_reloads(sd, folded, loaded.spec)
+    save_state_dict(sd, output)
+    if not reloadable:
+        err.print(f"[yellow]warning:[/] {loaded.spec.name} has no deploy checkpoint layout: the file holds the "
+                  "folded module tree's weights; `edgesr export --weights` needs the train checkpoint")
     out.print(f"{loaded.spec.name} {loaded.variant} x{loaded.scale}: params {report.params_before:,} -> "
               f"{report.params_after:,}, MACs {report.macs_before / 1e9:.3f}G -> {report.macs_after / 1e9:.3f}G "
               f"on {report.probe_shape}, max-abs deviation {report.max_abs:.2e}")
     out.print(f"wrote {escape(str(output))}")
+
+
+def deploy_checkpoint_reloads(sd, folded, spec) -> bool:
+    """Whether ``load_model`` detects ``sd`` as ``spec`` and rebuilds ``folded`` from it exactly.
+
+    A layout that loads but computes something else is a bug, not a warning.
+    """
+    import torch
+
+    from .data import sample_input
+    from .models import load_model
+    from .models.registry import probe_size
+
+    try:
+        reloaded = load_model(dict(sd), name=spec.name)
+    except EdgeSRError:
+        return False
+    h, w = probe_size(folded)
+    x = torch.from_numpy(sample_input(h, w)) * spec.input_range
+    with torch.no_grad():
+        dev = float((reloaded(x) - folded(x)).abs().max())
+    if dev > 1e-5 * spec.input_range:
+        raise EdgeSRError(f"internal: the deploy checkpoint reloads as {reloaded.edgesr_info} but deviates by {dev:.2e}")
+    return True
 
 
 @app.command("parity")

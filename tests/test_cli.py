@@ -154,3 +154,25 @@ def test_parity_command_x86_with_images_json_markdown(tmp_path):
     # A static artifact cannot be checked at another size; a missing artifact is a clean error.
     assert main(["parity", str(out), "--sizes", "32x32"]) == 2
     assert main(["parity", str(tmp_path / "missing.onnx")]) == 2
+
+
+@pytest.mark.parametrize("model, variant, loads_as", [("span", "ch48", "ch48-deploy"), ("plainusr", "base-train", "base"),
+                                                      ("safmn", "base", None)])
+def test_reparam_output_reloads_as_its_deploy_layout(tmp_path, model, variant, loads_as):
+    """`edgesr reparam` writes a checkpoint `load_model` detects (and says so when a family has none)."""
+    torch.manual_seed(0)
+    train = edgesr.create_model(model, variant=variant)
+    ck = tmp_path / "train.pth"
+    torch.save({"params": train.state_dict()}, ck)
+    out = tmp_path / "deploy.safetensors"
+    rc, stdout, err = run_cli("reparam", "--weights", ck, "--output", out)
+    assert rc == 0, err
+    if loads_as is None:
+        assert "no deploy checkpoint layout" in err
+        return
+    assert "warning" not in err
+    deployed = edgesr.load_model(out)
+    assert deployed.edgesr_info["variant"] == loads_as
+    x = torch.rand(1, 3, 21, 19)
+    with torch.no_grad():
+        assert (deployed(x) - train(x)).abs().max() <= 1e-4

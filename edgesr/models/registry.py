@@ -90,6 +90,10 @@ class ModelSpec:
       re-folds ``eval_conv`` from its training branches).
     - ``signature_keys``: keys whose presence makes a checkpoint "look like" this
       architecture, used for "this looks like X, not Y" messages.
+    - ``deploy_checkpoint(folded_state_dict)``: renames a folded model's weights into a
+      checkpoint layout that ``load_model`` detects (SPAN: folded convs -> its deploy-only
+      ``eval_conv`` layout).  ``None`` when the folded state dict already is such a layout
+      (PlainUSR's Rep form) or there is none (``edgesr reparam`` says so).
     """
 
     name: str
@@ -104,6 +108,7 @@ class ModelSpec:
     after_load: Callable[[nn.Module], None] | None = None
     signature_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    deploy_checkpoint: Callable[[StateDict], StateDict] | None = None
 
     def variant(self, name: str | None) -> Variant:
         name = name or self.default_variant

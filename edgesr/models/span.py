@@ -35,6 +35,7 @@ so the deploy form keeps an explicit Sub and Mul.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import torch
@@ -178,7 +179,19 @@ VARIANTS = (
             "SPAN: 52 channels (spanx4_ch52)"),
     Variant("ch28", {"feature_channels": 28, "deploy_only": True}, (4,), 4,
             "NTIRE 2024 entry (SPAN30, team38): 28 channels, deploy-only checkpoint"),
+    Variant("ch48-deploy", {"feature_channels": 48, "deploy_only": True}, _SCALES, 4,
+            "ch48 folded by `edgesr reparam` (eval_conv weights only)"),
+    Variant("ch52-deploy", {"feature_channels": 52, "deploy_only": True}, _SCALES, 4,
+            "ch52 folded by `edgesr reparam` (eval_conv weights only)"),
 )
+
+# A folded Conv3XC is a plain conv at the Conv3XC's path; the deploy-only layout keeps it
+# under ``<path>.eval_conv`` (what the official eval forward and SPAN30 checkpoints use).
+_FOLDED_CONV3XC_KEY = re.compile(r"^(conv_1|conv_2|block_\d+\.c[123]_r)\.(weight|bias)$")
+
+
+def _deploy_checkpoint(sd: StateDict) -> StateDict:
+    return {_FOLDED_CONV3XC_KEY.sub(r"\1.eval_conv.\2", k): v for k, v in sd.items()}
 
 
 def _build(config: Mapping[str, Any], scale: int) -> nn.Module:
@@ -229,5 +242,6 @@ SPEC = register(
         dynamic_shapes=True,
         after_load=_after_load,
         signature_keys=("conv_1.eval_conv.weight", "block_1.c1_r.eval_conv.weight", "upsampler.0.weight"),
+        deploy_checkpoint=_deploy_checkpoint,
     )
 )
