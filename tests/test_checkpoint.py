@@ -144,3 +144,18 @@ def test_unknown_model_and_variant():
         edgesr.create_model("span", variant="ch99")
     with pytest.raises(UnknownModelError, match="no x8"):
         edgesr.create_model("span", scale=8)
+
+
+@pytest.mark.parametrize("model, variant, official", [("safmnpp", "light", "params"), ("safmnpp", "base", "params_ema"),
+                                                      ("safmn", "base", "params"), ("span", "ch48", "params_ema")])
+def test_both_wrappers_load_what_the_official_script_reads(model, variant, official):
+    """Files with params and params_ema: the variant's official inference choice wins."""
+    torch.manual_seed(0)
+    a = edgesr.create_model(model, variant=variant).state_dict()
+    b = {k: v + 0.01 if v.is_floating_point() else v for k, v in a.items()}
+    m, rep = edgesr.load_model({"params": a, "params_ema": b}, return_report=True)
+    assert m.edgesr_info["variant"] == variant
+    want = a if official == "params" else b
+    got = m.state_dict()
+    assert rep.wrapper == official and all(torch.equal(got[k], want[k]) for k in want if "eval_conv" not in k)
+    assert f"chose '{official}'" in rep.summary()

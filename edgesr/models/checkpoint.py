@@ -90,8 +90,13 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {p.name}: corrupt safetensors file ({e})") from None
 
 
-def unwrap_state_dict(obj: Any, source: str = "<state dict>") -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Find the tensor dict inside the known checkpoint wrappers and strip ``module.``."""
+def unwrap_state_dict(
+    obj: Any, source: str = "<state dict>", prefer: str | None = None
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Find the tensor dict inside the known checkpoint wrappers and strip ``module.``.
+
+    ``prefer`` names the wrapper to take when present (a variant's official choice).
+    """
     report = LoadReport(source=source)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
@@ -100,10 +105,11 @@ def unwrap_state_dict(obj: Any, source: str = "<state dict>") -> tuple[dict[str,
         if not present:
             keys = ", ".join(map(str, list(obj)[:6]))
             raise CheckpointError(f"{source}: no state dict found (top-level keys: {keys})")
-        report.wrapper = present[0]
+        report.wrapper = prefer if prefer in present else present[0]
         if "params_ema" in present and "params" in present:
-            report.notes.append("both 'params' and 'params_ema' present; chose 'params_ema'")
-        obj = obj[present[0]]
+            why = " (what the official inference script reads)" if prefer == report.wrapper else ""
+            report.notes.append(f"both 'params' and 'params_ema' present; chose '{report.wrapper}'{why}")
+        obj = obj[report.wrapper]
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{source}: the state dict holds no tensors")
@@ -205,6 +211,10 @@ def load_model(
     if scale is not None and scale != found_scale:
         raise CheckpointError(f"{label} is a x{found_scale} {spec.name} model, not x{scale}")
 
+    official = spec.variant(found_variant).checkpoint_key
+    if official and report.wrapper not in (None, official) and isinstance(raw.get(official), Mapping):
+        sd, report = unwrap_state_dict(raw, label, prefer=official)
+        check_finite(sd, label)
     model = spec.build(found_variant, found_scale)
     load_state_dict_strict(model, sd, f"{label} ({spec.name} {found_variant} x{found_scale})")
     if spec.after_load is not None:

@@ -72,6 +72,9 @@ class Variant:
     scales: tuple[int, ...]
     default_scale: int
     description: str = ""
+    #: The BasicSR wrapper the official inference script reads when a file holds both
+    #: ``params`` and ``params_ema`` (``None``: the EMA weights, the usual choice).
+    checkpoint_key: str | None = None
 
 
 @dataclass(frozen=True)

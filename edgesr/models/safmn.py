@@ -522,6 +522,7 @@ SAFMN_VARIANTS = (
         scales=(2, 3, 4),
         default_scale=4,
         description="SAFMN (ICCV'23): dim 36, 8 blocks; 239,520 params at x4",
+        checkpoint_key="params",  # the official inference script loads ['params']
     ),
     Variant(
         "l",
@@ -529,6 +530,7 @@ SAFMN_VARIANTS = (
         scales=(2, 3, 4),
         default_scale=4,
         description="SAFMN-L (classic / real-world SR): dim 128, 16 blocks; 5,600,816 params at x4",
+        checkpoint_key="params",  # the official inference script loads ['params']
     ),
 )
 
@@ -548,6 +550,7 @@ SAFMNPP_VARIANTS = (
         default_scale=4,
         description="light SAFMN++ (AIS'24 RTSR): dim 32, 2 blocks, no biases; "
         "66,176 params at x4 (only x4 released)",
+        checkpoint_key="params",  # the official inference script loads ['params']
     ),
 )
 
