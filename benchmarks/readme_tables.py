@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Regenerate every README performance table in one command.
+
+    python benchmarks/readme_tables.py            # all three, then rewrite the README section
+    python benchmarks/readme_tables.py --quick    # fewer runs (a smoke run, not for the README)
+
+Runs, one after another (each in its own process, each cell of them in its own worker):
+
+1. ``span_runtimes.py``  SPAN-48 x4 at 256x256: train form vs folded vs deploy vs
+   onnxruntime vs LiteRT, 1 and 2 threads, % of the measured sgemm peak;
+2. ``models_latency.py`` every model's exported latency at 256x256, both runtimes, with
+   best-exported / eager-folded;
+3. ``safe_ops.py``       the FFT models' export-safe DFT vs eager ``torch.fft``.
+
+The output goes to ``docs/benchmarks.md`` (with the machine, the load average before and
+after, and the versions) and replaces the text between the ``<!-- bench:begin -->`` and
+``<!-- bench:end -->`` markers of ``README.md``.  Both files are written atomically and
+only if every script succeeded.  Run it on an otherwise idle machine: the load average is
+printed beside the tables so a reader can judge them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgesr.io import atomic_write_text  # noqa: E402
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def jobs(quick: bool) -> list[tuple[str, list[str], bool]]:
+    """(title, command, output is Markdown) per table."""
+    py = sys.executable
+    here = Path(__file__).resolve().parent
+    runs = ["--runs", "3"] if quick else ["--runs", "10"]
+    return [
+        ("SPAN-48 x4 at 256×256: training form vs deploy form vs runtimes",
+         [py, str(here / "span_runtimes.py"), *runs], True),
+        ("Every model at 256×256, 2 threads: eager folded vs exported",
+         [py, str(here / "models_latency.py"), "--threads", "2", *(["--runs", "2"] if quick else ["--runs", "5"])],
+         True),
+        ("FFT blocks: export-safe DFT vs eager torch.fft (round trip on (1, 32, S, S), 1 thread, CPU time)",
+         [py, str(here / "safe_ops.py"), "--threads", "1", "--clock", "cpu", "--sizes", "64", "256",
+          *([] if quick else ["1024"]), "--onnx-size", "64", "256", "--tflite"], False),
+    ]
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    pkgs = ", ".join(f"{p} {version(p)}" for p in ("torch", "onnxruntime", "ai-edge-litert", "litert-torch"))
+    return f"{platform.machine()} · {cpu} · {os.cpu_count()} cores · Python {platform.python_version()} · {pkgs}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer runs; does not touch README.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = ap.parse_args()
+
+    start = time.time()
+    load_before = os.getloadavg()[0]
+    parts = []
+    for title, cmd, is_markdown in jobs(args.quick):
+        print(f"== {title}\n   {' '.join(Path(c).name if c.endswith('.py') else c for c in cmd)}", file=sys.stderr,
+              flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        if proc.returncode:
+            print(f"error: {cmd[1]} exited {proc.returncode}; nothing written", file=sys.stderr)
+            return 1
+        body = proc.stdout.strip()
+        if is_markdown:  # the scripts' own headings sit below this section's
+            body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+        else:
+            body = f"```\n{body}\n```"
+        command = "python " + " ".join(str(Path(c).relative_to(ROOT)) if c.endswith(".py") else c for c in cmd[1:])
+        parts.append(f"### {title}\n\n`{command}` ({time.time() - t0:.0f} s)\n\n{body}\n")
+    load_after = os.getloadavg()[0]
+
+    header = (f"Measured {dt.date.today().isoformat()} by `python benchmarks/readme_tables.py` "
+              f"({(time.time() - start) / 60:.0f} min). Machine: {machine()}. "
+              f"Load average (1 min) {load_before:.2f} before, {load_after:.2f} after.\n")
+    text = header + "\n" + "\n".join(parts)
+    atomic_write_text(args.out, "# Benchmarks\n\n" + text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.quick:
+        return 0
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    if BEGIN not in old or END not in old:
+        print(f"README.md has no {BEGIN} ... {END} section; only {args.out} was written", file=sys.stderr)
+        return 1
+    head, rest = old.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(readme, f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    print("rewrote the README benchmark section", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
