@@ -292,7 +292,8 @@ def export_model(
                 if fmt == "onnx":
                     result = export_onnx(safe, tmp_art, input_range=spec.input_range, input_size=size,
                                          dynamic=dynamic, multiple_of=spec.size_rule.multiple_of,
-                                         min_size=spec.size_rule.min_size, metadata=meta)
+                                         min_size=spec.size_rule.min_size,
+                                         dynamic_min_size=spec.size_rule.dynamic_min_size, metadata=meta)
                 else:
                     result = export_tflite(safe, tmp_art, input_range=spec.input_range, input_size=size,
                                            multiple_of=spec.size_rule.multiple_of,

@@ -301,6 +301,45 @@ def test_window_softpool_is_finite_where_the_original_overflows():
     assert float((WindowSoftPool2d(3, 7, 3).half()(small.half()).double() - softpool_reference(small)).abs().max()) < 1e-2
 
 
+@settings(max_examples=20, deadline=None)
+@given(c=st.integers(1, 5), h=st.integers(7, 40), w=st.integers(7, 40), amp=st.sampled_from([0.5, 4.0, 60.0]),
+       seed=st.integers(0, 10_000))
+def test_window_softpool_fp32_relative(c, h, w, amp, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g) * amp + float(torch.randn(1, generator=g)) * amp
+    ref = softpool_reference(x)
+    out = WindowSoftPool2d(c, 7, 3)(x)
+    assert out.shape == ref.shape == (1, c, (h - 7) // 3 + 1, (w - 7) // 3 + 1)
+    assert float((out.double() - ref).abs().max()) <= 1e-5 * float(x.abs().max())
+
+
+def test_window_softpool_minimum_size_constants_and_real_image():
+    # 7 px is one window; 8, 9 still one; 10 two (stride 3)
+    for h, w, out_hw in ((7, 7, (1, 1)), (7, 9, (1, 1)), (10, 7, (2, 1)), (9, 16, (1, 4))):
+        x = torch.randn(2, 3, h, w, dtype=torch.float64) * 5
+        y = WindowSoftPool2d(3, 7, 3).double()(x)
+        assert y.shape[2:] == out_hw and float((y - softpool_reference(x)).abs().max()) <= 1e-12
+    # constant windows: softmax-weighted mean of equal values is the value itself, in every dtype
+    for v in (0.0, -3.5, 1e4, -1e4):
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            x = torch.full((1, 2, 13, 11), v, dtype=dtype)
+            y = WindowSoftPool2d(2, 7, 3).to(dtype)(x)
+            assert torch.equal(y, torch.full_like(y, v)), (v, dtype)
+    img = real_image(31, 26, "coffee", dtype=torch.float64) * 12 - 6
+    assert float((WindowSoftPool2d(3, 7, 3).double()(img) - SoftPool2d(7, 3, 3)(img)).abs().max()) <= 1e-12
+
+
+def test_window_softpool_is_separable_and_cheap():
+    """Two 7-tap passes: ~49 MACs per input pixel and channel, not the 49-tap window's ~267."""
+    from edgesr.stats import count_macs
+
+    c, h, w = 4, 64, 64
+    macs = count_macs(WindowSoftPool2d(c, 7, 3), torch.randn(1, c, h, w))
+    assert macs <= 60 * c * h * w, macs / (c * h * w)
+    sp = WindowSoftPool2d(c, 7, 3)
+    assert {tuple(b.shape) for b in sp.buffers()} == {(c * 7, 1, 1, 7), (c * 7, 1, 7, 1), (c * 7, 1, 1, 1), (c, 7, 1, 1)}
+
+
 # --- deploy form ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,scale,dyn_min", [("s-train", 4, 13), ("u-train", 2, 1)])
@@ -321,7 +360,7 @@ def test_deploy_exports_strict_without_forbidden_ops(name, scale, dyn_min):
         assert torch.equal(ep.module()(x2), deployed(x2))
 
 
-@pytest.mark.parametrize("name,scale", [("base-train", 4), ("l-train", 2)])
+@pytest.mark.parametrize("name,scale", [("m-train", 4), ("l-train", 2)])
 def test_deploy_matches_train_form_on_real_images(name, scale):
     m = randomize_(get_spec("plainusr").build(name, scale).eval(), 2)
     deployed = edgesr.deploy(m)
@@ -331,3 +370,33 @@ def test_deploy_matches_train_form_on_real_images(name, scale):
             ref, out = m(x), deployed(x)
         assert out.shape == ref.shape
         assert float((out - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_dynamic_onnx_export_covers_sizes_below_the_trace_minimum(tmp_path):
+    """SizeRule.dynamic_min_size: traced with Dim(min=13), the graph is generic down to 7 px."""
+    import json
+
+    import onnxruntime as ort
+
+    from edgesr.errors import SizeRuleError
+    from edgesr.export.onnx import export_onnx
+
+    spec = get_spec("plainusr")
+    assert spec.size_rule.min_size == 7 and spec.size_rule.dynamic_min_size == 13
+    meta = {"size_rule": json.dumps(spec.size_rule.as_dict())}
+    torch.manual_seed(3)
+    deployed = edgesr.deploy(spec.build("s", 2).eval(), "onnx")
+    path = tmp_path / "s.onnx"
+    with pytest.raises(SizeRuleError, match=">= 13"):  # the trace must reach the symbolic minimum
+        export_onnx(deployed, path, input_size=(10, 16), dynamic=True, min_size=7, metadata=meta)
+    with pytest.raises(SizeRuleError):  # a static size below the rule
+        export_onnx(deployed, path, input_size=(6, 16), min_size=7, metadata=meta)
+    r = export_onnx(deployed, path, input_size=(16, 17), dynamic=True, min_size=7, metadata=meta)
+    assert r.input_shape == (1, 3, "H", "W") and r.metadata["min_size"] == "7"
+    sess = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
+    for h, w in ((7, 7), (9, 12), (12, 8), (13, 13), (25, 19)):
+        x = real_image(h, w, "rocket")
+        with torch.no_grad():
+            ref = deployed(x).numpy()
+        out = sess.run(None, {"input": x.numpy()})[0]
+        assert out.shape == ref.shape and float(abs(out - ref).max()) <= 1e-5 * max(1.0, float(abs(ref).max()))
