@@ -10,7 +10,8 @@ Runs, one after another (each in its own process, each cell of them in its own w
    onnxruntime vs LiteRT, 1 and 2 threads, % of the measured sgemm peak;
 2. ``models_latency.py`` every model's exported latency at 256x256, both runtimes, with
    best-exported / eager-folded;
-3. ``safe_ops.py``       the FFT models' export-safe DFT vs eager ``torch.fft``.
+3. ``export_times.py``   `edgesr export` wall time and peak RSS per model and format;
+4. ``safe_ops.py``       the FFT models' export-safe DFT vs eager ``torch.fft``.
 
 The output goes to ``docs/benchmarks.md`` (with the machine, the load average before and
 after, and the versions) and replaces the text between the ``<!-- bench:begin -->`` and
@@ -49,6 +50,8 @@ def jobs(quick: bool) -> list[tuple[str, list[str], bool]]:
         ("Every model at 256×256, 2 threads: eager folded vs exported",
          [py, str(here / "models_latency.py"), "--threads", "2", *(["--runs", "2"] if quick else ["--runs", "5"])],
          True),
+        ("`edgesr export` per model and format at the default size: wall time and peak memory",
+         [py, str(here / "export_times.py"), *(["--models", "span"] if quick else [])], True),
         ("FFT blocks: export-safe DFT vs eager torch.fft (round trip on (1, 32, S, S), 1 thread, CPU time)",
          [py, str(here / "safe_ops.py"), "--threads", "1", "--clock", "cpu", "--sizes", "64", "256",
           *([] if quick else ["1024"]), "--onnx-size", "64", "256", "--tflite"], False),

@@ -259,6 +259,12 @@ def export_model(
 
     spec = loaded.spec
     size, out = plan_export(spec, fmt, size, dynamic, output, loaded.variant, loaded.scale)
+    stage_seconds: dict[str, float] = {}
+    report_progress = progress
+
+    def progress(stage: str, seconds: float) -> None:  # noqa: F811  (also recorded in the report)
+        stage_seconds[stage] = round(seconds, 2)
+        report_progress(stage, seconds)
 
     t = time.perf_counter()
     folded, fold_report = fold(loaded.model, probe=_fold_probe(spec))
@@ -310,7 +316,7 @@ def export_model(
             "model": spec.name, "variant": loaded.variant, "scale": loaded.scale, "format": fmt,
             "input_size": meta["input_size"], "weights": loaded.source, "random_init": loaded.random_init,
             "fold": fold_report.as_dict(), "export": _result_dict(result), "export_seconds": round(export_seconds, 2),
-            "versions": runtime_versions(),
+            "versions": runtime_versions(), "stage_seconds": stage_seconds,
         }
         passed: bool | None = None
         parity = None
