@@ -5,7 +5,9 @@ Round trip rfft2 -> irfft2 on a (1, C, S, S) float32 tensor, eager PyTorch:
   factorized     RealRFFT2 + RealIRFFT2 (Cooley-Tukey split matmuls, the export form)
   direct         the same with factorize=False (one dense DFT matmul per axis, O(N^3))
 plus, at --onnx-size, onnxruntime running the exported factorized round trip and the
-exported torch.fft round trip (ONNX DFT nodes).  Variants are timed interleaved,
+exported torch.fft round trip (ONNX DFT nodes), and with --tflite LiteRT running the
+factorized round trip in both op layouts (layout="tflite", what a TFLite export uses,
+and layout="onnx" for comparison).  Eager and ORT columns use layout="onnx".  Variants are timed interleaved,
 round after round, and the minimum and median over rounds are reported, so a noisy
 machine hurts all columns alike.
 
@@ -32,10 +34,10 @@ from edgesr.reparam.dft import RealIRFFT2, RealRFFT2  # noqa: E402
 
 
 class RoundTrip(torch.nn.Module):
-    def __init__(self, s: int, factorize: bool):
+    def __init__(self, s: int, factorize: bool, layout: str = "onnx"):
         super().__init__()
-        self.f = RealRFFT2(s, s, "ortho", factorize=factorize)
-        self.g = RealIRFFT2(s, s, "ortho", factorize=factorize)
+        self.f = RealRFFT2(s, s, "ortho", factorize=factorize, layout=layout)
+        self.g = RealIRFFT2(s, s, "ortho", factorize=factorize, layout=layout)
 
     def forward(self, x):
         return self.g(*self.f(x))
@@ -147,15 +149,16 @@ def main():
                        "ORT native DFT": run_dft}
                 errs = {"ORT factorized matmul": e_fac, "ORT native DFT": e_dft}
                 if args.tflite:
-                    run_tfl, errs["LiteRT factorized matmul"] = tflite_runner(
-                        fac, x, os.path.join(tmp, "fac.tflite"), args.threads)
-                    fns["LiteRT factorized matmul"] = run_tfl
+                    for lay, mod in (("tflite", RoundTrip(s, True, "tflite").eval()), ("onnx", fac)):
+                        k = f"LiteRT matmul, {lay} layout"
+                        fns[k], errs[k] = tflite_runner(mod, x, os.path.join(tmp, f"{lay}.tflite"),
+                                                        args.threads)
                 with torch.no_grad():
                     t = time_interleaved(fns, args.rounds, args.budget, clock)
             base = t["eager torch.fft"][0]
             for k, v in t.items():
                 e = f"   round-trip err {errs[k]:.1e}" if k in errs else ""
-                extra.append(f"{s:5d}  {k:26s} {fmt(v)}   x{v[0] / base:5.2f} of eager torch.fft{e}")
+                extra.append(f"{s:5d}  {k:28s} {fmt(v)}   x{v[0] / base:5.2f} of eager torch.fft{e}")
     if extra:
         print(f"\nRuntimes at S in {args.onnx_size} (min / median ms, ratio of minima):")
         print("\n".join(extra))

@@ -278,14 +278,14 @@ class GlobalAvgPool2d(nn.Module):
 class _DFTPair(nn.Module):
     """``RealRFFT2`` + ``RealIRFFT2`` (backward norm) for one feature size and dtype."""
 
-    def __init__(self, h: int, w: int, dtype: torch.dtype):
+    def __init__(self, h: int, w: int, dtype: torch.dtype, layout: str = "onnx"):
         super().__init__()
-        self.rfft = RealRFFT2(h, w, norm="backward", dtype=dtype)
-        self.irfft = RealIRFFT2(h, w, norm="backward", dtype=dtype)
+        self.rfft = RealRFFT2(h, w, norm="backward", dtype=dtype, layout=layout)
+        self.irfft = RealIRFFT2(h, w, norm="backward", dtype=dtype, layout=layout)
 
 
 class _DFTCache:
-    """Bounded LRU of ``_DFTPair`` s, one per (H, W, dtype, device), stored as *attributes*.
+    """Bounded LRU of ``_DFTPair`` s, one per (H, W, dtype, device, layout), stored as *attributes*.
 
     Attributes rather than a dict on purpose: dynamo snapshots a global dict the first
     time a trace reads it, so entries added later in the same trace (the next encoder
@@ -298,38 +298,40 @@ class _DFTCache:
         self._order: list[str] = []
 
     @staticmethod
-    def name(h: int, w: int, dtype: torch.dtype, device: torch.device) -> str:
+    def name(h: int, w: int, dtype: torch.dtype, device: torch.device, layout: str = "onnx") -> str:
         dev = f"{device.type}{'' if device.index is None else device.index}"
-        return f"dft_{h}x{w}_{str(dtype).split('.')[-1]}_{dev}"
+        return f"dft_{h}x{w}_{str(dtype).split('.')[-1]}_{dev}_{layout}"
 
 
 _DFT_CACHE = _DFTCache()
 
 
 @torch._dynamo.assume_constant_result
-def _build_dft(h: int, w: int, dtype: torch.dtype, device: torch.device) -> int:
+def _build_dft(h: int, w: int, dtype: torch.dtype, device: torch.device, layout: str) -> int:
     """Make sure ``_DFT_CACHE`` holds the bases of one size.
 
     Under dynamo (strict export) this runs eagerly and its result is taken as a constant,
     so the basis computation never enters the graph.  No grad-mode context in here: a
     pre-dispatch (non-strict) export records grad-mode switches into the graph, which
     breaks its later decomposition; the bases need no grad anyway."""
-    name = _DFTCache.name(h, w, dtype, device)
+    name = _DFTCache.name(h, w, dtype, device, layout)
     order = _DFT_CACHE._order
     if name in order:
         order.remove(name)
     else:
         while len(order) >= _DFTCache.capacity:
             delattr(_DFT_CACHE, order.pop(0))
-        setattr(_DFT_CACHE, name, _DFTPair(h, w, dtype).to(device))
+        setattr(_DFT_CACHE, name, _DFTPair(h, w, dtype, layout).to(device))
     order.append(name)  # most recently used last
     return 0
 
 
-def dft_bases(h: int, w: int, dtype: torch.dtype, device: torch.device) -> _DFTPair:
+def dft_bases(h: int, w: int, dtype: torch.dtype, device: torch.device,
+              layout: str = "onnx") -> _DFTPair:
     """The (shared, cached) DFT modules of one feature size, with *real* constant bases.
 
-    - eager: built once per (H, W, dtype, device) and reused by every FreMLP of that size;
+    ``layout`` is the DFT op arrangement (``edgesr.reparam.dft.LAYOUTS``, = export target).
+    - eager: built once per (H, W, dtype, device, layout) and reused by every FreMLP of that size;
     - strict export (dynamo): built via ``assume_constant_result``;
     - non-strict export (fake tensors + proxy tracing; the ONNX and litert-torch paths):
       built with fake mode and proxy tracing switched off.
@@ -337,19 +339,19 @@ def dft_bases(h: int, w: int, dtype: torch.dtype, device: torch.device) -> _DFTP
     FreMLPs of one level) instead of recording the cos/sin computation or caching fakes.
     """
     if torch.compiler.is_dynamo_compiling():
-        _build_dft(h, w, dtype, device)
+        _build_dft(h, w, dtype, device, layout)
     elif torch.compiler.is_compiling():
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
         with unset_fake_temporarily(), disable_proxy_modes_tracing():
-            _build_dft(h, w, dtype, device)
+            _build_dft(h, w, dtype, device, layout)
     elif torch.is_inference_mode_enabled():  # inference tensors would be unusable later
         with torch.inference_mode(False):
-            _build_dft(h, w, dtype, device)
+            _build_dft(h, w, dtype, device, layout)
     else:
-        _build_dft(h, w, dtype, device)
-    return getattr(_DFT_CACHE, _DFTCache.name(h, w, dtype, device))
+        _build_dft(h, w, dtype, device, layout)
+    return getattr(_DFT_CACHE, _DFTCache.name(h, w, dtype, device, layout))
 
 
 class SafeFreMLP(nn.Module):
@@ -362,17 +364,18 @@ class SafeFreMLP(nn.Module):
     rounding level); no complex tensors.
 
     The bases depend on the feature size (H, W), known only at call time; they come from
-    :func:`dft_bases` (a bounded module-level cache keyed by (H, W, dtype, device)), so the
+    :func:`dft_bases` (a bounded module-level cache keyed by (H, W, dtype, device, layout)), so the
     module itself holds no size-dependent state, needs no preparation before export, and
     an exported graph holds only matmuls against constant bases (no trig/arange ops).
     """
 
-    def __init__(self, process1: nn.Sequential):
+    def __init__(self, process1: nn.Sequential, layout: str = "onnx"):
         super().__init__()
         self.process1 = process1
+        self.layout = layout  # DFT op arrangement, = the export target (see edgesr.reparam.dft)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pair = dft_bases(int(x.shape[-2]), int(x.shape[-1]), x.dtype, x.device)
+        pair = dft_bases(int(x.shape[-2]), int(x.shape[-1]), x.dtype, x.device, self.layout)
         re, im = pair.rfft(x)
         mag = torch.sqrt(re * re + im * im)
         cos, sin = unit_phase(re, im)
@@ -592,7 +595,8 @@ def _fold_darkir(m: DarkIR) -> nn.Module:
 # =====================================================================================
 # Export-safe rewrites (target independent)
 #   - LayerNorm2d (autograd.Function) -> ChannelLayerNorm (plain mean/var ops, bit-equal).
-#   - FreMLP (torch.fft, abs/angle/cos/sin, complex) -> SafeFreMLP (matmul DFT, unit phase).
+#   - FreMLP (torch.fft, abs/angle/cos/sin, complex) -> SafeFreMLP (matmul DFT, unit phase);
+#     only the DFT op layout depends on the target (edgesr.reparam.dft, LAYOUTS).
 #   - train-form EBlock/DBlock (only when make_export_safe runs without fold): their
 #     AdaptiveAvgPool2d(1) -> mean over H, W.  The deploy blocks already use the mean.
 #   The grouped DBlock conv is left to the fold (ONNX and LiteRT both take it natively).
@@ -606,7 +610,7 @@ def _safe_layernorm(m: LayerNorm2d, target: str) -> nn.Module:
 
 @register_rewrite(FreMLP)
 def _safe_fremlp(m: FreMLP, target: str) -> nn.Module:
-    return SafeFreMLP(m.process1)
+    return SafeFreMLP(m.process1, layout=target)  # DFT layout tuned per runtime
 
 
 @register_rewrite(EBlock, DBlock)

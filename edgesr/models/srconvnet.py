@@ -410,23 +410,25 @@ _TRACE_DFT: dict[tuple, tuple[nn.Module, nn.Module]] = {}
 
 
 @torch._dynamo.assume_constant_result
-def _build_trace_dft(height: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
+def _build_trace_dft(height: int, width: int, dtype: torch.dtype, device: torch.device,
+                     layout: str) -> int:
     """Fill ``_TRACE_DFT`` for one size.  Under dynamo (strict export) this runs eagerly
     and its result is taken as a constant, so the bases are computed outside the graph."""
     from ..reparam.safe_ops import RealIRFFT2, RealRFFT2
 
-    key = (height, width, dtype, device)
+    key = (height, width, dtype, device, layout)
     if key not in _TRACE_DFT:
         while len(_TRACE_DFT) >= 8:
             _TRACE_DFT.pop(next(iter(_TRACE_DFT)))
         _TRACE_DFT[key] = (
-            RealRFFT2(height, width, "ortho", dtype=dtype).to(device),
-            RealIRFFT2(height, width, "ortho", dtype=dtype).to(device),
+            RealRFFT2(height, width, "ortho", dtype=dtype, layout=layout).to(device),
+            RealIRFFT2(height, width, "ortho", dtype=dtype, layout=layout).to(device),
         )
     return 0
 
 
-def _trace_time_dft(height: int, width: int, dtype: torch.dtype, device: torch.device):
+def _trace_time_dft(height: int, width: int, dtype: torch.dtype, device: torch.device,
+                    layout: str = "onnx"):
     """DFT modules with *real* constant bases while a graph is being traced.
 
     Strict export (dynamo): via ``assume_constant_result``.  Non-strict export (fake
@@ -435,14 +437,14 @@ def _trace_time_dft(height: int, width: int, dtype: torch.dtype, device: torch.d
     constants instead of recording the basis computation.
     """
     if torch.compiler.is_dynamo_compiling():
-        _build_trace_dft(height, width, dtype, device)
+        _build_trace_dft(height, width, dtype, device, layout)
     else:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
         with unset_fake_temporarily(), disable_proxy_modes_tracing():
-            _build_trace_dft(height, width, dtype, device)
-    return _TRACE_DFT[(height, width, dtype, device)]
+            _build_trace_dft(height, width, dtype, device, layout)
+    return _TRACE_DFT[(height, width, dtype, device, layout)]
 
 
 class SafeFourierUnit(nn.Module):
@@ -464,11 +466,13 @@ class SafeFourierUnit(nn.Module):
       constant tensors, shared by all units of the same size.
 
     Either way the graph holds no trig/arange ops, only matmuls against constants.  For
-    B > 1 nothing changes (the DFT is applied per (batch, channel) plane).
+    B > 1 nothing changes (the DFT is applied per (batch, channel) plane).  ``layout``
+    (= the export target) picks the DFT op arrangement (:mod:`edgesr.reparam.dft`).
     """
 
-    def __init__(self, m: FourierUnit):
+    def __init__(self, m: FourierUnit, layout: str = "onnx"):
         super().__init__()
+        self.layout = layout  # DFT op arrangement, = the export target (see edgesr.reparam.dft)
         w = m.conv_layer.weight
         if m.conv_layer.groups != 1:
             raise ValueError("SafeFourierUnit supports groups=1 only")
@@ -492,8 +496,8 @@ class SafeFourierUnit(nn.Module):
         device = torch.device(device) if device is not None else self.conv.weight.device
         key = (int(height), int(width), dtype, device)
         if self._key != key:
-            self.rfft = RealRFFT2(key[0], key[1], "ortho", dtype=dtype).to(device)
-            self.irfft = RealIRFFT2(key[0], key[1], "ortho", dtype=dtype).to(device)
+            self.rfft = RealRFFT2(key[0], key[1], "ortho", dtype=dtype, layout=self.layout).to(device)
+            self.irfft = RealIRFFT2(key[0], key[1], "ortho", dtype=dtype, layout=self.layout).to(device)
             self._key = key
         return self
 
@@ -503,7 +507,7 @@ class SafeFourierUnit(nn.Module):
         if self._key == key:
             rfft, irfft = self.rfft, self.irfft
         elif torch.compiler.is_compiling():
-            rfft, irfft = _trace_time_dft(h, w, x.dtype, x.device)
+            rfft, irfft = _trace_time_dft(h, w, x.dtype, x.device, self.layout)
         else:
             self.prepare(h, w, x.dtype, x.device)
             rfft, irfft = self.rfft, self.irfft
@@ -514,7 +518,7 @@ class SafeFourierUnit(nn.Module):
 
 @register_rewrite(FourierUnit)
 def _safe_fourier_unit(m: FourierUnit, target: str) -> nn.Module:
-    return SafeFourierUnit(m)
+    return SafeFourierUnit(m, layout=target)  # DFT layout tuned per runtime
 
 
 # ----------------------------------------------------------------------------------

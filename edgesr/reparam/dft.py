@@ -13,30 +13,61 @@ Math (spec ``srconvnet_darkir.md`` §3)
 Each axis of length N is split Cooley-Tukey style, N = N1*N2 with N1 ~ sqrt(N):
 input index n = N2*n1 + n2, output index k = k1 + N1*k2, and
 
-    X[k1 + N1*k2] = sum_n2 exp(-2pi i n2 (k1 + N1 k2) / N) * sum_n1 x[N2 n1 + n2] exp(-2pi i n1 k1 / N1)
+    X[k1 + N1*k2] = sum_n2 exp(-2pi i n2 k2 / N2) exp(-2pi i n2 k1 / N)
+                          * sum_n1 x[N2 n1 + n2] exp(-2pi i n1 k1 / N1)
 
-i.e. a length-N1 DFT matmul, then a length-N2 DFT matmul whose basis depends on
-k1 (the twiddle factors are folded into that batched basis, so there is no
-separate twiddle multiply).  Cost per line is ~N*(N1+N2) MACs instead of N^2.
-A prime N, and any N <= ``DIRECT_MAX`` (64), uses a single direct DFT matmul:
-up to that size the extra matmul and permutes of a split cost more time than
-the MACs they save (measured with onnxruntime and eager torch at 16..256).
-Only one split level is used: at N <= 1024 both factors are <= 32 and each
-stage is a small-K matmul that is already close to memory-bound, so a further
-split would trade MACs for more full passes over the tensor (one more matmul
-and one more permute per level).
+i.e. two DFT matmuls of lengths N1 and N2; the twiddle factor exp(-2pi i n2 k1 / N)
+is folded into one of them, which then becomes a *batched* basis (batched over k1 or
+over n2, depending on the layout), so there is no separate twiddle multiply.  Cost
+per line is ~N*(N1+N2) MACs instead of N^2.  A prime N, and any N <= ``DIRECT_MAX``
+(64), uses a single direct DFT matmul: up to that size the extra matmul and permutes
+of a split cost more time than the MACs they save (measured with onnxruntime and
+eager torch at 16..256).  Only one split level is used: at N <= 1024 both factors
+are <= 32 and each stage is a small-K matmul that is already close to memory-bound,
+so a further split would trade MACs for more full passes over the tensor.
 
-Complex values are carried as a size-2 "ri" axis adjacent to the axis being
-contracted, so a complex matmul is one real matmul with a (2*Nin, 2*Nout) basis.
-Between matmuls, each permute moves a single axis and keeps the innermost axis
-(w2 or ri) in place: onnxruntime has block-copy fast paths for exactly that, and
-its generic Transpose was measured 5-10x slower here.  A round trip costs
-4 + 4 matmuls, ~5 + 5 such permutes and a slice/stack for re/im.
 The W axis exploits the real input (the first W stage maps real -> complex) and
-computes only the k2 needed for the W//2+1 kept bins; the inverse mirrors this
-(the last W stage produces only the real part).  Normalisation and the C2R
-weights d_k are folded into the bases.  All cos/sin values are computed in
-float64 from the exactly reduced integer phase (n*k mod N) and cast once.
+computes only the k2 needed for the W//2+1 kept bins; the inverse mirrors this (the
+last W stage produces only the real part).  Normalisation and the C2R weights d_k
+are folded into the bases.  All cos/sin values are computed in float64 from the
+exactly reduced integer phase (n*k mod N) and cast once.  Complex values are carried
+as a size-2 "ri" axis, so a complex matmul is one real matmul with a (2*Nin, 2*Nout)
+basis.  Both layouts below compute the same sums from the same cos/sin tables
+(fp64 agreement ~1e-15 relative); they differ only in how axes are ordered around
+the matmuls, which is what decides the speed -- and the two runtimes disagree.
+
+Layouts (``layout=`` of :class:`RealRFFT2` / :class:`RealIRFFT2`)
+-----------------------------------------------------------------
+``"onnx"`` (default): mostly right-multiplies (data @ basis); "ri" sits next to the axis
+    being contracted; between matmuls each permute moves a *single* axis and keeps
+    the innermost axis (w2 or ri) in place.  The twiddled stages are batched over k1
+    while the data has extra leading rows, so those bases are broadcast over the
+    batch; re/im come out as an innermost axis (a slice/stack per direction).  Per
+    direction 4 matmuls and ~5 permutes.
+``"tflite"``: every stage is a left-multiply (basis @ data) whose contracted axes
+    are the *outermost* axes of the data (the rows m*H or m*W ride along as matmul
+    columns); the batch axis of a twiddled stage (k1 or n2) is the outermost data axis
+    too, so batches match and no basis is broadcast (no BROADCAST_TO in TFLite); re/im
+    is the outermost axis (outputs are plain selects, no slicing of an inner axis).
+    Per direction 4 matmuls and 3 transposes, two of them general multi-axis permutes.
+
+Why each runtime gets its own: round trip rfft2 -> irfft2 on (1, 32, 256, 256) fp32,
+one thread (eager torch.fft 16-19 ms):
+
+    layout     onnxruntime   LiteRT (XNNPACK)
+    "onnx"        68.5 ms       187.7 ms
+    "tflite"       243 ms        81.8 ms
+
+In LiteRT every TRANSPOSE costs ~4-5 ms at this size whatever its pattern, and so
+does a FULLY_CONNECTED (~5 ms); but a broadcast basis costs BROADCAST_TO + BATCH_MATMUL
+= 14.6 ms against 4.7 ms with matched batches, so fewer ops and no broadcast win.  In
+onnxruntime moving one axis outward over a large contiguous block is cheap (0.2-0.7 ms)
+while a multi-axis permute hits a per-element path (a generic 6-D Transpose costs
+105-123 ms), so the single-axis moves of the "onnx" layout win there.  The callers
+(DarkIR FreMLP, SRConvNet FourierUnit rewrites) pass the export target as the layout.
+Whole models at 256x256, LiteRT, 1 thread, interleaved A/B of the two layouts (min /
+median ms): DarkIR-m 1484/1580 -> 1256/1332, SRConvNet x4 6040/6642 -> 5746/6186
+(one FConvMod block alone: 454/502 -> 338/356).
 """
 from __future__ import annotations
 
@@ -45,9 +76,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["RealRFFT2", "RealIRFFT2", "unit_phase", "split_factor", "DIRECT_MAX"]
+__all__ = ["RealRFFT2", "RealIRFFT2", "unit_phase", "split_factor", "DIRECT_MAX", "LAYOUTS"]
 
 _NORMS = ("backward", "ortho", "forward")
+LAYOUTS = ("onnx", "tflite")  # see the module docstring; the export targets' names
 DIRECT_MAX = 64  # axes up to this length use one direct DFT matmul by default
 
 
@@ -89,6 +121,25 @@ def _real_block(er: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
     return torch.stack((row_re, row_im), dim=-4)
 
 
+def _block(num: torch.Tensor, n: int, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``_real_block`` of exp(2*pi*i*num/n) * weight (num: integer phases, last two axes in, out)."""
+    c, s = _cis(num, n)
+    return _real_block(c * weight, s * weight)
+
+
+def _mat(blk: torch.Tensor, src: str, rows: str, cols: str) -> torch.Tensor:
+    """Arrange a basis block with named axes ``src`` as a (batch..., rows, cols) matrix.
+
+    Axes named in neither ``rows`` nor ``cols`` stay in front as batch axes (in order).
+    """
+    s, r, c = src.split(), rows.split(), cols.split()
+    b = [a for a in s if a not in r and a not in c]
+    t = blk.permute([s.index(a) for a in b + r + c])
+    nb = t.shape[: len(b)]
+    nr = math.prod(t.shape[len(b): len(b) + len(r)])
+    return t.reshape(*nb, nr, -1)
+
+
 def _axis_plan(n: int, factorize: bool, direct_max: int) -> tuple[int, int]:
     n1 = split_factor(n) if factorize and n > direct_max else n
     return n1, n // n1
@@ -112,11 +163,13 @@ def _rearrange(x: torch.Tensor, src: str, dst: str, sizes: dict[str, int]) -> to
 
 class _DFT2Base(nn.Module):
     def __init__(self, height: int, width: int, norm: str, dtype: torch.dtype, factorize: bool,
-                 direct_max: int):
+                 direct_max: int, layout: str):
         super().__init__()
         if height < 1 or width < 1:
             raise ValueError(f"height and width must be >= 1, got {height}x{width}")
-        self.height, self.width, self.norm = height, width, norm
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.height, self.width, self.norm, self.layout = height, width, norm, layout
         self.wf = width // 2 + 1
         self._dtype = dtype
         self.h1, self.h2 = _axis_plan(height, factorize, direct_max)
@@ -134,13 +187,30 @@ class _DFT2Base(nn.Module):
             "kw1": self.kw1, "kw2": self.kw2,
         }
 
+    def _w_phases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer phases of the two W stages (sign +): plain (kw1, w1) = k1*n1 and
+        twiddled (kw1, kw2, w2) = (k1 + W1*k2)*n2 (mod W1 and W respectively)."""
+        ar = torch.arange
+        k = ar(self.kw1)[:, None] + self.w1 * ar(self.kw2)[None, :]  # (kw1, kw2)
+        return ar(self.kw1)[:, None] * ar(self.w1)[None, :], k[:, :, None] * ar(self.w2)
+
+    def _h_phases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer phases of the H stages (sign +), each (in, out)-symmetric:
+        plain h1 (h1, h1), plain h2 (h2, h2), and the twiddled (h1, h2, h2) =
+        (k1 + H1*k2)*n2 (mod H) / (h2, h1, h1) = k1*(H2*n1 + n2) (mod H)."""
+        ar, h1, h2 = torch.arange, self.h1, self.h2
+        k = ar(h1)[:, None] + h1 * ar(h2)[None, :]                        # (k1, k2)
+        by_k1 = k[:, :, None] * ar(h2)                                    # (k1, k2, n2)
+        by_n2 = ar(h1)[None, :, None] * (h2 * ar(h1)[None, None, :] + ar(h2)[:, None, None])
+        return ar(h1)[:, None] * ar(h1), ar(h2)[:, None] * ar(h2), by_k1, by_n2  # by_n2: (n2, k1, n1)
+
     def _buf(self, name: str, t: torch.Tensor) -> None:
         # contiguous + own storage: litert-torch merges non-contiguous constants.
         self.register_buffer(name, t.to(self._dtype).contiguous().clone(), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"height={self.height}, width={self.width}, norm={self.norm!r}, "
-                f"split=({self.h1}x{self.h2}, {self.w1}x{self.w2})")
+                f"split=({self.h1}x{self.h2}, {self.w1}x{self.w2}), layout={self.layout!r}")
 
 
 class RealRFFT2(_DFT2Base):
@@ -150,45 +220,55 @@ class RealRFFT2(_DFT2Base):
     ``dtype=torch.float64`` for float64 inputs (the bases are cast once at init).
     An axis longer than ``direct_max`` is split (Cooley-Tukey) unless it is prime;
     ``factorize=False`` gives the unfactorized direct-matmul form (O(N^3) MACs),
-    kept for benchmarks and cross-checks.
+    kept for benchmarks and cross-checks.  ``layout`` ("onnx" | "tflite") picks the
+    op arrangement that runs fastest on that runtime (module docstring); same outputs.
     """
 
     def __init__(self, height: int, width: int, norm: str = "backward",
                  dtype: torch.dtype = torch.float32, factorize: bool = True,
-                 direct_max: int = DIRECT_MAX):
-        super().__init__(height, width, norm, dtype, factorize, direct_max)
+                 direct_max: int = DIRECT_MAX, layout: str = "onnx"):
+        super().__init__(height, width, norm, dtype, factorize, direct_max, layout)
         alpha = _scale(norm, height, width, inverse=False)
-        H, W, h1, h2, w1, w2, kw1, kw2 = (height, width, self.h1, self.h2, self.w1, self.w2,
-                                           self.kw1, self.kw2)
-        ar = torch.arange
-        # W stage A (real -> complex, alpha folded): contracts w1 -> kw1.
-        c, s = _cis(-ar(w1)[:, None] * ar(kw1)[None, :], w1)
-        blk = _real_block(c, s)[0] * alpha                     # (w1, kw1, ri)
-        if w2 > 1:  # left-multiply: rows (ri, kw1), cols w1
-            self._buf("wa", blk.permute(2, 1, 0).reshape(2 * kw1, w1))
-            # W stage B (right-multiply, batched over kw1, twiddles folded): contracts
-            # w2 -> kw2; rows (ri, w2), cols (kw2, ri); exponent -n2*(k1 + W1*k2)/W.
-            k = ar(kw1)[:, None] + w1 * ar(kw2)[None, :]       # (kw1, kw2)
-            c, s = _cis(-ar(w2)[None, :, None] * k[:, None, :], W)  # (kw1, w2, kw2)
-            self._buf("wb", _real_block(c, s).reshape(kw1, 2 * w2, 2 * kw2))
-        else:  # direct, right-multiply: rows w, cols (kw1, ri)
-            self._buf("wa", blk.reshape(w1, 2 * kw1))
-        # H stage A (right-multiply): contracts h1 -> kh1; rows (h1, ri), cols (kh1, ri).
-        c, s = _cis(-ar(h1)[:, None] * ar(h1)[None, :], h1)
-        self._buf("ha", _real_block(c, s).transpose(0, 1).reshape(2 * h1, 2 * h1))
-        # H stage B (right-multiply, batched over kh1): contracts h2 -> kh2;
-        # rows (h2, ri), cols (kh2, ri); exponent -n2*(k1 + H1*k2)/H.
-        if h2 > 1:
-            k = ar(h1)[:, None] + h1 * ar(h2)[None, :]         # (kh1, kh2)
-            c, s = _cis(-ar(h2)[None, :, None] * k[:, None, :], H)  # (kh1, h2, kh2)
-            blk = _real_block(c, s)                            # (kh1, ri, h2, kh2, ri')
-            self._buf("hb", blk.transpose(1, 2).reshape(h1, 2 * h2, 2 * h2))
+        w_plain, w_twid = self._w_phases()
+        h1_plain, h2_plain, h_by_k1, h_by_n2 = self._h_phases()
+        h1, h2, W, H = self.h1, self.h2, width, height
+        # W stage 1 (real -> complex, alpha folded) "n k ro": (w1, kw1, ri), the x_re rows.
+        wa = _block(-w_plain.T, self.w1)[0] * alpha
+        # W stage 2 (twiddles folded) "b ri n k ro": batch kw1, contracts w2 -> kw2.
+        wb = _block(-w_twid.transpose(1, 2), W) if self.w2 > 1 else None
+        if layout == "onnx":
+            # Left-multiply (rows (ri, kw1)) when split, else right-multiply (cols (kw1, ri)).
+            self._buf("wa", _mat(wa, "n k ro", "ro k", "n") if self.w2 > 1
+                      else _mat(wa, "n k ro", "n", "k ro"))
+            if wb is not None:  # right-multiply batched over kw1: rows (ri, w2), cols (kw2, ri)
+                self._buf("wb", _mat(wb, "b ri n k ro", "ri n", "k ro"))
+            # H stage A: plain h1 DFT, right-multiply: rows (h1, ri), cols (kh1, ri).
+            self._buf("ha", _mat(_block(-h1_plain, h1), "ri n k ro", "n ri", "k ro"))
+            if h2 > 1:  # H stage B, batched over kh1 (twiddles folded): contracts h2 -> kh2.
+                blk = _block(-h_by_k1.transpose(1, 2), H)              # (kh1, ri, h2, kh2, ro)
+                self._buf("hb", _mat(blk, "b ri n k ro", "n ri", "k ro"))
+        else:
+            # Left-multiplies only: rows = output axes, cols = contracted axes.
+            self._buf("wa", _mat(wa, "n k ro", "k ro", "n"))           # rows (kw1, ri), cols w1
+            if wb is not None:                                          # rows (kw2, ri), cols (ri, w2)
+                self._buf("wb", _mat(wb, "b ri n k ro", "k ro", "ri n"))
+            # H stage 1, batched over h2 (twiddles folded): contracts h1 -> kh1;
+            # rows (ri, kh1), cols (ri, h1).  Without a split: the whole H DFT, 2-D.
+            ha = _mat(_block(-h_by_n2.transpose(1, 2), H), "b ri n k ro", "ro k", "ri n")
+            self._buf("ha", ha if h2 > 1 else ha[0])
+            if h2 > 1:  # H stage 2: plain h2 DFT, rows (ri, kh2), cols (h2, ri).
+                self._buf("hb", _mat(_block(-h2_plain, h2), "ri n k ro", "ro k", "n ri"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lead = x.shape[:-2]
+        if tuple(x.shape[-2:]) != (self.height, self.width):
+            raise ValueError(f"expected (..., {self.height}, {self.width}), got {tuple(x.shape)}")
+        t = self._forward_onnx(x) if self.layout == "onnx" else self._forward_tflite(x)
+        shape = (*lead, self.height, self.wf)
+        return t[0].reshape(shape), t[1].reshape(shape)
+
+    def _forward_onnx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         H, sz = self.height, self.sizes
-        if tuple(x.shape[-2:]) != (H, self.width):
-            raise ValueError(f"expected (..., {H}, {self.width}), got {tuple(x.shape)}")
         # Layout comments name axes major -> minor; [a b] is a merged matmul axis.
         if self.w2 > 1:
             t = _rearrange(x, "m h1 h2 w1 w2", "m w1 h2 h1 w2", sz)
@@ -209,8 +289,26 @@ class RealRFFT2(_DFT2Base):
         t = t.reshape(-1, H, self.kwp, 2)
         if self.kwp != self.wf:
             t = t[:, :, : self.wf]
-        shape = (*lead, H, self.wf)
-        return t[..., 0].reshape(shape), t[..., 1].reshape(shape)
+        return t[..., 0], t[..., 1]
+
+    def _forward_tflite(self, x: torch.Tensor) -> torch.Tensor:
+        H, W, sz = self.height, self.width, self.sizes
+        # Every matmul is a left-multiply (basis @ data) whose contracted axes are the
+        # outermost ones of the data, so the rows m*H of the input ride along as columns.
+        t = x.reshape(-1, W).permute(1, 0)                             # w1 w2 [m h]
+        t = torch.matmul(self.wa, t.reshape(self.w1, -1))              # kw1 ri w2 [m h]
+        if self.w2 > 1:
+            t = torch.matmul(self.wb, t.reshape(self.kw1, 2 * self.w2, -1))  # kw1 kw2 ri [m h]
+        t = _rearrange(t, "kw1 kw2 ri m h1 h2", "h2 ri h1 m kw2 kw1", sz)
+        if self.h2 > 1:
+            t = torch.matmul(self.ha, t.reshape(self.h2, 2 * self.h1, -1))  # h2 ri kh1 [m kw]
+            t = torch.matmul(self.hb, t.reshape(2 * self.h2, -1))      # ri kh2 kh1 [m kw]
+        else:
+            t = torch.matmul(self.ha, t.reshape(2 * H, -1))            # ri kh [m kw]
+        t = _rearrange(t, "ri h m kw", "ri m h kw", sz)
+        if self.kwp != self.wf:
+            t = t[..., : self.wf]
+        return t
 
 
 class RealIRFFT2(_DFT2Base):
@@ -226,17 +324,17 @@ class RealIRFFT2(_DFT2Base):
     therefore ignored exactly.  This is what torch CPU and ``numpy.fft.irfft2``
     compute; CUDA irfft2 is known to differ on non-Hermitian input (pytorch#154496).
 
-    ``dtype``, ``factorize`` and ``direct_max`` as for :class:`RealRFFT2`.
+    ``dtype``, ``factorize``, ``direct_max`` and ``layout`` as for :class:`RealRFFT2`.
     """
 
     def __init__(self, height: int, width: int, norm: str = "backward",
                  dtype: torch.dtype = torch.float32, factorize: bool = True,
-                 direct_max: int = DIRECT_MAX):
-        super().__init__(height, width, norm, dtype, factorize, direct_max)
+                 direct_max: int = DIRECT_MAX, layout: str = "onnx"):
+        super().__init__(height, width, norm, dtype, factorize, direct_max, layout)
         beta = _scale(norm, height, width, inverse=True)
-        H, W, h1, h2, w1, w2, kw1, kw2 = (height, width, self.h1, self.h2, self.w1, self.w2,
-                                           self.kw1, self.kw2)
-        ar = torch.arange
+        w_plain, w_twid = self._w_phases()
+        h1_plain, h2_plain, h_by_k1, h_by_n2 = self._h_phases()
+        h1, h2, W, H = self.h1, self.h2, width, height
 
         def c2r_weight(k: torch.Tensor) -> torch.Tensor:  # d_k, and 0 on the zero padding
             d = torch.full(k.shape, 2.0, dtype=torch.float64)
@@ -246,42 +344,52 @@ class RealIRFFT2(_DFT2Base):
             d[k >= self.wf] = 0.0
             return d
 
-        # H stage 1 (right-multiply, batched over kh1, twiddles folded): contracts
-        # kh2 -> h2; rows (kh2, ri), cols (h2, ri); exponent +h2*(k1 + H1*k2)/H.
-        if h2 > 1:
-            k = ar(h1)[:, None] + h1 * ar(h2)[None, :]         # (kh1, kh2)
-            c, s = _cis(k[:, :, None] * ar(h2)[None, None, :], H)  # (kh1, kh2, h2)
-            blk = _real_block(c, s)                            # (kh1, ri, kh2, h2, ri')
-            self._buf("h1b", blk.transpose(1, 2).reshape(h1, 2 * h2, 2 * h2))
-        # H stage 2 (right-multiply): contracts kh1 -> h1; rows (kh1, ri), cols (h1, ri).
-        c, s = _cis(ar(h1)[:, None] * ar(h1)[None, :], h1)
-        self._buf("h2b", _real_block(c, s).transpose(0, 1).reshape(2 * h1, 2 * h1))
-        # W stage 2 (real output, beta folded): contracts (kw1, ri) -> w1.
-        c, s = _cis(ar(kw1)[:, None] * ar(w1)[None, :], w1)   # (kw1, w1)
-        if w2 > 1:
-            # W stage 1 (right-multiply, batched over kw1, d_k folded): contracts
-            # kw2 -> w2; rows (kw2, ri), cols (ri, w2); exponent +n2*(k1 + W1*k2)/W.
-            k = ar(kw1)[:, None] + w1 * ar(kw2)[None, :]       # (kw1, kw2)
-            c1, s1 = _cis(k[:, :, None] * ar(w2)[None, None, :], W)  # (kw1, kw2, w2)
-            d = c2r_weight(k)[:, :, None]
-            blk = _real_block(c1 * d, s1 * d)                  # (kw1, ri, kw2, w2, ri')
-            self._buf("w1b", blk.permute(0, 2, 1, 4, 3).reshape(kw1, 2 * kw2, 2 * w2))
-            blk = _real_block(c, s)[..., 0] * beta             # (ri, kw1, w1)
-            self._buf("w2b", blk.permute(2, 1, 0).reshape(w1, 2 * kw1))  # left: rows w1
-        else:  # direct: this stage sees the full k, so d_k goes here; right-multiply
-            d = c2r_weight(ar(kw1))[:, None]
-            blk = _real_block(c * d, s * d)[..., 0] * beta     # (ri, kw1, w)
-            self._buf("w2b", blk.transpose(0, 1).reshape(2 * kw1, w1))
+        ar = torch.arange
+        if self.w2 > 1:
+            # W stage 1 "b ri k n ro" (twiddles and d_k folded): batch kw1, contracts kw2 -> w2.
+            d = c2r_weight(ar(self.kw1)[:, None] + self.w1 * ar(self.kw2)[None, :])[:, :, None]
+            wa = _block(w_twid, W, d)
+            # W stage 2 (real output, beta folded) "ri k n": contracts (kw1, ri) -> w1.
+            wb = _block(w_plain, self.w1)[..., 0] * beta
+        else:  # direct: this stage sees the full k, so d_k goes here
+            wa = None
+            wb = _block(w_plain, self.w1, c2r_weight(ar(self.kw1))[:, None])[..., 0] * beta
+        if layout == "onnx":
+            if h2 > 1:  # H stage 1, batched over kh1 (twiddles folded): contracts kh2 -> h2
+                self._buf("h1b", _mat(_block(h_by_k1, H), "b ri k n ro", "k ri", "n ro"))
+            # H stage 2: plain h1 DFT, right-multiply: rows (kh1, ri), cols (h1, ri).
+            self._buf("h2b", _mat(_block(h1_plain, h1), "ri k n ro", "k ri", "n ro"))
+            if wa is not None:  # right-multiply batched over kw1: rows (kw2, ri), cols (ri, w2)
+                self._buf("w1b", _mat(wa, "b ri k n ro", "k ri", "ro n"))
+                self._buf("w2b", _mat(wb, "ri k n", "n", "k ri"))     # left: rows w1
+            else:                                                      # right: cols w
+                self._buf("w2b", _mat(wb, "ri k n", "k ri", "n"))
+        else:
+            # Left-multiplies only: rows = output axes, cols = contracted axes.
+            if h2 > 1:  # H stage 1: plain h2 DFT, rows (h2, ri), cols (ri, kh2).
+                self._buf("ha", _mat(_block(h2_plain, h2), "ri k n ro", "n ro", "ri k"))
+            # H stage 2, batched over h2 (twiddles folded): rows (ri, h1), cols (ri, kh1).
+            # Without a split: the whole H DFT, one 2-D matrix.
+            hb = _mat(_block(h_by_n2, H), "b ri k n ro", "ro n", "ri k")
+            self._buf("hb", hb if h2 > 1 else hb[0])
+            if wa is not None:  # rows (ri, w2), cols (ri, kw2), batched over kw1
+                self._buf("wa", _mat(wa, "b ri k n ro", "ro n", "ri k"))
+            self._buf("wb", _mat(wb, "ri k n", "n", "k ri"))          # rows w1, cols (kw1, ri)
 
     def forward(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
         lead = re.shape[:-2]
-        H, W, sz = self.height, self.width, self.sizes
+        H, W = self.height, self.width
         if tuple(re.shape[-2:]) != (H, self.wf) or re.shape != im.shape:
             raise ValueError(f"expected re, im of shape (..., {H}, {self.wf}), "
                              f"got {tuple(re.shape)} and {tuple(im.shape)}")
-        # The mirror image of RealRFFT2.forward (the same moves in reverse) up to the
-        # last W stage.
-        t = torch.stack((re.reshape(-1, H, self.wf), im.reshape(-1, H, self.wf)), dim=-1)
+        fwd = self._forward_onnx if self.layout == "onnx" else self._forward_tflite
+        return fwd(re.reshape(-1, H, self.wf), im.reshape(-1, H, self.wf)).reshape(*lead, H, W)
+
+    def _forward_onnx(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+        H, sz = self.height, self.sizes
+        # The mirror image of RealRFFT2._forward_onnx (the same moves in reverse) up to
+        # the last W stage.
+        t = torch.stack((re, im), dim=-1)
         if self.kwp != self.wf:
             t = nn.functional.pad(t, (0, 0, 0, self.kwp - self.wf))
         # t: m [kh2 kh1] kw ri, natural order k = k1 + N1*k2 on both axes.
@@ -303,7 +411,26 @@ class RealIRFFT2(_DFT2Base):
             t = _rearrange(t, "m kw h ri", "m h kw ri", sz)
             t = torch.matmul(t.reshape(-1, 2 * self.kw1), self.w2b)  # m h2 h1 w
             t = _rearrange(t, "m h2 h1 w", "m h1 h2 w", sz)
-        return t.reshape(*lead, H, W)
+        return t
+
+    def _forward_tflite(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+        H, W, sz = self.height, self.width, self.sizes
+        # The mirror image of RealRFFT2._forward_tflite: every matmul a left-multiply
+        # whose contracted axes are the outermost ones of the data.
+        t = torch.stack((re, im))                                      # ri m h kw
+        if self.kwp != self.wf:
+            t = nn.functional.pad(t, (0, self.kwp - self.wf))
+        t = _rearrange(t, "ri m h kw", "ri h m kw", sz)                # ri kh2 kh1 [m kw]
+        if self.h2 > 1:
+            t = torch.matmul(self.ha, t.reshape(2 * self.h2, -1))      # h2 ri kh1 [m kw]
+            t = torch.matmul(self.hb, t.reshape(self.h2, 2 * self.h1, -1))  # h2 ri h1 [m kw]
+        else:
+            t = torch.matmul(self.hb, t.reshape(2 * H, -1))            # ri h [m kw]
+        t = _rearrange(t, "h2 ri h1 m kw2 kw1", "kw1 ri kw2 m h1 h2", sz)
+        if self.w2 > 1:
+            t = torch.matmul(self.wa, t.reshape(self.kw1, 2 * self.kw2, -1))  # kw1 ri w2 [m h]
+        t = torch.matmul(self.wb, t.reshape(2 * self.kw1, -1))         # w1 w2 [m h]
+        return t.reshape(W, -1).permute(1, 0)
 
 
 def unit_phase(re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
