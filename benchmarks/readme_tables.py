@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -58,6 +59,14 @@ def jobs(quick: bool) -> list[tuple[str, list[str], bool]]:
     ]
 
 
+_PROGRESS = re.compile(r"^\(\d\d:\d\d\) \[(START|  ?DONE)\]|^(ExportedProgram Run Decompositions|Decompositions|MLIR Module)( \(\+\d\d:\d\d\))?$")
+
+
+def strip_converter_progress(text: str) -> str:
+    """Drop litert-torch's progress lines (and their wrapped tails) if a script let them through."""
+    return "\n".join(line for line in text.splitlines() if not _PROGRESS.match(line.strip()))
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -86,11 +95,12 @@ def main() -> int:
         print(f"== {title}\n   {' '.join(Path(c).name if c.endswith('.py') else c for c in cmd)}", file=sys.stderr,
               flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        env = {**os.environ, "LITERT_TORCH_SHOW_PROGRESS": "n"}  # its progress lines go to stdout
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         if proc.returncode:
             print(f"error: {cmd[1]} exited {proc.returncode}; nothing written", file=sys.stderr)
             return 1
-        body = proc.stdout.strip()
+        body = strip_converter_progress(proc.stdout).strip()
         if is_markdown:  # the scripts' own headings sit below this section's
             body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
         else:
