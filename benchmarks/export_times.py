@@ -33,8 +33,8 @@ def run_export(model: str, fmt: str, size: str | None, out: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (peak RSS)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen, or it warns on __del__
     wall = time.perf_counter() - t0
     row = {"model": model, "format": fmt, "rc": proc.returncode, "wall_s": wall,
            "peak_rss_gb": usage.ru_maxrss / 2**20}  # ru_maxrss is in KiB on Linux

@@ -35,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgesr.bench.device_bench import cpu_name, load_average  # noqa: E402
 from edgesr.io import atomic_write_text  # noqa: E402
+from edgesr.pipeline import runtime_versions  # noqa: E402
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -68,18 +70,10 @@ def strip_converter_progress(text: str) -> str:
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from importlib.metadata import version
-
-    pkgs = ", ".join(f"{p} {version(p)}" for p in ("torch", "onnxruntime", "ai-edge-litert", "litert-torch"))
-    return f"{platform.machine()} · {cpu} · {os.cpu_count()} cores · Python {platform.python_version()} · {pkgs}"
+    shown = ("torch", "onnxruntime", "ai-edge-litert", "litert-torch")
+    versions = ", ".join(f"{k} {v}" for k, v in runtime_versions().items() if k in shown)
+    return (f"{platform.machine()} · {cpu_name()} · {os.cpu_count()} cores · Python {platform.python_version()} · "
+            f"{versions}")
 
 
 def main() -> int:
@@ -89,7 +83,7 @@ def main() -> int:
     args = ap.parse_args()
 
     start = time.time()
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     parts = []
     for title, cmd, is_markdown in jobs(args.quick):
         print(f"== {title}\n   {' '.join(Path(c).name if c.endswith('.py') else c for c in cmd)}", file=sys.stderr,
@@ -107,11 +101,11 @@ def main() -> int:
             body = f"```\n{body}\n```"
         command = "python " + " ".join(str(Path(c).relative_to(ROOT)) if c.endswith(".py") else c for c in cmd[1:])
         parts.append(f"### {title}\n\n`{command}` ({time.time() - t0:.0f} s)\n\n{body}\n")
-    load_after = os.getloadavg()[0]
+    load_after = load_average()
 
     header = (f"Measured {dt.date.today().isoformat()} by `python benchmarks/readme_tables.py` "
               f"({(time.time() - start) / 60:.0f} min). Machine: {machine()}. "
-              f"Load average (1 min) {load_before:.2f} before, {load_after:.2f} after.\n")
+              f"Load average (1 min) {load_before} before, {load_after} after.\n")
     text = header + "\n" + "\n".join(parts)
     atomic_write_text(args.out, "# Benchmarks\n\n" + text)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -130,17 +130,12 @@ def reparam_cmd(
 ) -> None:
     """Fold a train-form checkpoint into its deploy form and write the folded weights."""
     from .models.checkpoint import save_state_dict
-    from .pipeline import obtain_model
-    from .reparam import fold
+    from .pipeline import deploy_checkpoint, obtain_model
 
     if output.suffix not in (".safetensors", ".pth", ".pt"):
         raise EdgeSRError(f"output {output} should end in .safetensors, .pth or .pt")
     loaded = obtain_model(model, variant, scale, weights)
-    folded, report = fold(loaded.model)
-    sd = folded.state_dict()
-    if loaded.spec.deploy_checkpoint is not None:
-        sd = loaded.spec.deploy_checkpoint(sd)
-    reloadable = deploy_checkpoint_reloads(sd, folded, loaded.spec)
+    sd, report, reloadable = deploy_checkpoint(loaded)
     save_state_dict(sd, output)
     if not reloadable:
         err.print(f"[yellow]warning:[/] {loaded.spec.name} has no deploy checkpoint layout: the file holds the "
@@ -149,30 +144,6 @@ def reparam_cmd(
               f"{report.params_after:,}, MACs {report.macs_before / 1e9:.3f}G -> {report.macs_after / 1e9:.3f}G "
               f"on {report.probe_shape}, max-abs deviation {report.max_abs:.2e}")
     out.print(f"wrote {escape(str(output))}")
-
-
-def deploy_checkpoint_reloads(sd, folded, spec) -> bool:
-    """Whether ``load_model`` detects ``sd`` as ``spec`` and rebuilds ``folded`` from it exactly.
-
-    A layout that loads but computes something else is a bug, not a warning.
-    """
-    import torch
-
-    from .data import sample_input
-    from .models import load_model
-    from .models.registry import probe_size
-
-    try:
-        reloaded = load_model(dict(sd), name=spec.name)
-    except EdgeSRError:
-        return False
-    h, w = probe_size(folded)
-    x = torch.from_numpy(sample_input(h, w)) * spec.input_range
-    with torch.no_grad():
-        dev = float((reloaded(x) - folded(x)).abs().max())
-    if dev > 1e-5 * spec.input_range:
-        raise EdgeSRError(f"internal: the deploy checkpoint reloads as {reloaded.edgesr_info} but deviates by {dev:.2e}")
-    return True
 
 
 @app.command("parity")

@@ -28,7 +28,7 @@ from .data import image_names, random_input, read_image, fit_image, sample_input
 from .errors import EdgeSRError, ExportError, SizeRuleError
 from .io import ensure_writable_dir
 from .models.checkpoint import LoadReport, load_model
-from .models.registry import ModelSpec, get_spec, spec_of
+from .models.registry import ModelSpec, get_spec, probe_size, spec_of
 from .reparam import fold, make_export_safe
 
 FORMATS = {"onnx": ".onnx", "tflite": ".tflite"}
@@ -94,6 +94,34 @@ def randomize_constant_parameters(model: nn.Module, seed: int = 0, sigma: float 
             p.add_(sigma * torch.randn(p.shape, generator=g, dtype=p.dtype))
             changed += 1
     return changed
+
+
+# --------------------------------------------------------------------------- reparam
+
+
+def deploy_checkpoint(loaded: LoadedModel):
+    """Fold ``loaded`` into the weights ``edgesr reparam`` writes: ``(state_dict, FoldReport, reloadable)``.
+
+    The state dict is in the spec's deploy checkpoint layout (``ModelSpec.deploy_checkpoint``)
+    when it has one.  ``reloadable``: ``load_model`` detects it and rebuilds the folded model
+    exactly; a layout that loads but computes something else is a bug, not a warning.
+    """
+    spec = loaded.spec
+    folded, report = fold(loaded.model)
+    sd = folded.state_dict()
+    if spec.deploy_checkpoint is not None:
+        sd = spec.deploy_checkpoint(sd)
+    try:
+        reloaded = load_model(dict(sd), name=spec.name)
+    except EdgeSRError:
+        return sd, report, False
+    h, w = probe_size(folded)
+    x = torch.from_numpy(sample_input(h, w)) * spec.input_range
+    with torch.no_grad():
+        dev = float((reloaded(x) - folded(x)).abs().max())
+    if dev > 1e-5 * spec.input_range:
+        raise EdgeSRError(f"internal: the deploy checkpoint reloads as {reloaded.edgesr_info} but deviates by {dev:.2e}")
+    return sd, report, True
 
 
 # --------------------------------------------------------------------------- sizes
@@ -259,20 +287,19 @@ def export_model(
 
     spec = loaded.spec
     size, out = plan_export(spec, fmt, size, dynamic, output, loaded.variant, loaded.scale)
-    stage_seconds: dict[str, float] = {}
-    report_progress = progress
+    stage_seconds: dict[str, float] = {}  # also goes into the report
 
-    def progress(stage: str, seconds: float) -> None:  # noqa: F811  (also recorded in the report)
+    def stage_done(stage: str, seconds: float) -> None:
         stage_seconds[stage] = round(seconds, 2)
-        report_progress(stage, seconds)
+        progress(stage, seconds)
 
     t = time.perf_counter()
     folded, fold_report = fold(loaded.model, probe=_fold_probe(spec))
-    progress("fold", time.perf_counter() - t)
+    stage_done("fold", time.perf_counter() - t)
 
     t = time.perf_counter()
     safe = make_export_safe(folded, fmt)
-    progress("make export-safe", time.perf_counter() - t)
+    stage_done("make export-safe", time.perf_counter() - t)
 
     meta = {
         "model": spec.name,
@@ -310,7 +337,7 @@ def export_model(
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 raise ExportError(f"{fmt} export of {spec.name} failed: {type(e).__name__}: {first}") from e
         export_seconds = time.perf_counter() - t
-        progress(f"export {fmt}", export_seconds)
+        stage_done(f"export {fmt}", export_seconds)
 
         report: dict = {
             "model": spec.name, "variant": loaded.variant, "scale": loaded.scale, "format": fmt,
@@ -327,7 +354,7 @@ def export_model(
                 sizes.append(_second_size(spec, size))
             parity = verify_artifact(tmp_art, loaded.model, spec.input_range,
                                      VerifySettings(sizes=sizes, threads=threads), fmt)
-            progress("verify", time.perf_counter() - t)
+            stage_done("verify", time.perf_counter() - t)
             passed = parity.passed
             report["parity"] = json.loads(parity.to_json())  # strict JSON: inf PSNR as "inf"
             report["passed"] = passed

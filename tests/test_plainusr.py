@@ -388,10 +388,12 @@ def test_dynamic_onnx_export_covers_sizes_below_the_trace_minimum(tmp_path):
     deployed = edgesr.deploy(spec.build("s", 2).eval(), "onnx")
     path = tmp_path / "s.onnx"
     with pytest.raises(SizeRuleError, match=">= 13"):  # the trace must reach the symbolic minimum
-        export_onnx(deployed, path, input_size=(10, 16), dynamic=True, min_size=7, metadata=meta)
+        export_onnx(deployed, path, input_size=(10, 16), dynamic=True, min_size=7,
+                    dynamic_min_size=spec.size_rule.dynamic_min_size, metadata=meta)
     with pytest.raises(SizeRuleError):  # a static size below the rule
         export_onnx(deployed, path, input_size=(6, 16), min_size=7, metadata=meta)
-    r = export_onnx(deployed, path, input_size=(16, 17), dynamic=True, min_size=7, metadata=meta)
+    r = export_onnx(deployed, path, input_size=(16, 17), dynamic=True, min_size=7,
+                    dynamic_min_size=spec.size_rule.dynamic_min_size, metadata=meta)
     assert r.input_shape == (1, 3, "H", "W") and r.metadata["min_size"] == "7"
     sess = ort.InferenceSession(str(r.path), providers=["CPUExecutionProvider"])
     for h, w in ((7, 7), (9, 12), (12, 8), (13, 13), (25, 19)):

@@ -67,7 +67,7 @@ def export_onnx(
     metadata: Mapping[str, object] | None = None,
     simplify: bool = False,
     keep_debug_info: bool = False,
-    dynamic_min_size: int | None = None,
+    dynamic_min_size: int = 0,
 ) -> ExportResult:
     """Export ``model`` (deploy form, NCHW, native range ``input_range``) to an ONNX file.
 
@@ -75,8 +75,7 @@ def export_onnx(
     ``input_size`` is the traced size (and the only accepted size unless ``dynamic``).
     With ``dynamic`` H and W are symbolic, constrained to multiples of ``multiple_of`` in
     ``[min_size, max_size]``; an exporter that specialises them raises :class:`ExportError`.
-    ``dynamic_min_size`` (default: ``dynamic_min_size`` of the ``size_rule`` JSON in
-    ``metadata``, as the pipeline records the spec's :class:`SizeRule`) raises the symbolic
+    ``dynamic_min_size`` (the spec's ``SizeRule.dynamic_min_size``) raises the symbolic
     dims' lower bound *for tracing* (``torch.export`` refuses ranges where an internal map
     could be 1 px); the traced size must reach it (:class:`SizeRuleError`).
     ``simplify`` tries onnxslim and keeps its result only if it has fewer nodes, the same
@@ -108,9 +107,6 @@ def export_onnx(
     names = {}
     trace_min = min_size
     if dynamic:
-        # SizeRule.dynamic_min_size: from the argument, else from the spec's rule in the metadata
-        if dynamic_min_size is None:
-            dynamic_min_size = _rule_dynamic_min(metadata)
         trace_min = max(min_size, int(dynamic_min_size))
         if min(h, w) < trace_min:
             raise SizeRuleError(f"a dynamic export of this model traces at H, W >= {trace_min}, got {h}x{w}")
@@ -195,15 +191,6 @@ def export_onnx(
 
 
 # --- shapes --------------------------------------------------------------------------
-
-
-def _rule_dynamic_min(metadata: Mapping[str, object] | None) -> int:
-    """``dynamic_min_size`` of the ``size_rule`` JSON in the metadata (0 if absent/unreadable)."""
-    try:
-        rule = json.loads(str((metadata or {}).get("size_rule") or "{}"))
-        return int(rule.get("dynamic_min_size", 0)) if isinstance(rule, dict) else 0
-    except (ValueError, TypeError):
-        return 0
 
 
 def _first_line(e: BaseException) -> str:
