@@ -11,7 +11,7 @@ Runs, one after another (each in its own process, each cell of them in its own w
 2. ``models_latency.py`` every model's exported latency at 256x256, both runtimes, with
    best-exported / eager-folded;
 3. ``export_times.py``   `edgesr export` wall time and peak RSS per model and format;
-4. ``safe_ops.py``       the FFT models' export-safe DFT vs eager ``torch.fft``.
+4. ``safe_ops.py``       the FFT models' export-safe DFT and FFT blocks vs eager ``torch.fft``.
 
 The output goes to ``docs/benchmarks.md`` (with the machine, the load average before and
 after, and the versions) and replaces the text between the ``<!-- bench:begin -->`` and
@@ -55,9 +55,10 @@ def jobs(quick: bool) -> list[tuple[str, list[str], bool]]:
          True),
         ("`edgesr export` per model and format at the default size: wall time and peak memory",
          [py, str(here / "export_times.py"), *(["--models", "span"] if quick else [])], True),
-        ("FFT blocks: export-safe DFT vs eager torch.fft (round trip on (1, 32, S, S), 1 thread, CPU time)",
+        ("FFT: export-safe DFT round trip on (1, 32, S, S) and whole FFT blocks vs eager torch.fft "
+         "(1 thread, CPU time)",
          [py, str(here / "safe_ops.py"), "--threads", "1", "--clock", "cpu", "--sizes", "64", "256",
-          *([] if quick else ["1024"]), "--onnx-size", "64", "256", "--tflite"], False),
+          *([] if quick else ["1024"]), "--onnx-size", "64", "256", "--tflite", "--blocks"], False),
     ]
 
 

@@ -4,15 +4,19 @@ Round trip rfft2 -> irfft2 on a (1, C, S, S) float32 tensor, eager PyTorch:
   torch.fft      torch.fft.rfft2 + torch.fft.irfft2 (pocketfft / MKL)
   factorized     RealRFFT2 + RealIRFFT2 (Cooley-Tukey split matmuls, the export form)
   direct         the same with factorize=False (one dense DFT matmul per axis, O(N^3))
-plus, at --onnx-size, onnxruntime running the exported factorized round trip and the
-exported torch.fft round trip (ONNX DFT nodes), and with --tflite LiteRT running the
-factorized round trip in both op layouts (layout="tflite", what a TFLite export uses,
-and layout="onnx" for comparison).  Eager and ORT columns use layout="onnx".  Variants are timed interleaved,
-round after round, and the minimum and median over rounds are reported, so a noisy
-machine hurts all columns alike.
+plus, at --onnx-size, the exported round trip in the runtimes: onnxruntime with the
+per-bin pair in digit-reversed order (edgesr.reparam.dft_spectral, what an ONNX export of
+DarkIR / SRConvNet uses), with the natural-order factorized form (layout="onnx") and with
+torch.fft exported as ONNX DFT nodes; with --tflite also LiteRT with the natural-order
+"tflite" layout (what a TFLite export uses) and with the per-bin pair.  --blocks adds the
+models' whole FFT blocks (DarkIR FreMLP, SRConvNet FourierUnit): the official block in
+eager PyTorch (torch.fft, abs/angle/cos/sin, complex) against its export-safe deploy form
+exported to each runtime.  Eager columns use layout="onnx".  Variants are timed
+interleaved, round after round, and the minimum and median over rounds are reported, so a
+noisy machine hurts all columns alike.
 
     python benchmarks/safe_ops.py                      # S = 64, 256, 1024; C = 32; 2 threads
-    python benchmarks/safe_ops.py --sizes 256 --rounds 20 --tflite
+    python benchmarks/safe_ops.py --sizes 256 --rounds 20 --tflite --blocks
     python benchmarks/safe_ops.py --threads 1 --clock cpu   # on a busy machine: CPU time
                                                             # of the one compute thread
 """
@@ -31,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from edgesr.reparam.dft import RealIRFFT2, RealRFFT2  # noqa: E402
+from edgesr.reparam.dft_spectral import SpectralIRFFT2, SpectralRFFT2  # noqa: E402
 
 
 class RoundTrip(torch.nn.Module):
@@ -38,6 +43,17 @@ class RoundTrip(torch.nn.Module):
         super().__init__()
         self.f = RealRFFT2(s, s, "ortho", factorize=factorize, layout=layout)
         self.g = RealIRFFT2(s, s, "ortho", factorize=factorize, layout=layout)
+
+    def forward(self, x):
+        return self.g(*self.f(x))
+
+
+class SpectralRoundTrip(torch.nn.Module):
+    """The per-bin pair (digit-reversed bin order): what an ONNX export of the FFT models uses."""
+
+    def __init__(self, s: int):
+        super().__init__()
+        self.f, self.g = SpectralRFFT2(s, s, "ortho"), SpectralIRFFT2(s, s, "ortho")
 
     def forward(self, x):
         return self.g(*self.f(x))
@@ -70,7 +86,7 @@ def time_interleaved(fns: dict, rounds: int, budget_s: float, clock=time.perf_co
     return {k: (min(v), statistics.median(v), len(v)) for k, v in times.items()}
 
 
-def onnx_session(mod, x, path, threads):
+def onnx_session(mod, x, path, threads, reference=None):
     import onnxruntime as ort
 
     with warnings.catch_warnings():
@@ -81,18 +97,20 @@ def onnx_session(mod, x, path, threads):
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feed = {"x": x.numpy()}
-    err = float(abs(sess.run(None, feed)[0] - x.numpy()).max())
+    ref = x.numpy() if reference is None else reference.numpy()  # a round trip reproduces x
+    err = float(abs(sess.run(None, feed)[0] - ref).max())
     return (lambda: sess.run(None, feed)), err
 
 
-def tflite_runner(mod, x, path, threads):
+def tflite_runner(mod, x, path, threads, reference=None):
     import litert_torch
     from ai_edge_litert.interpreter import Interpreter
 
     litert_torch.convert(mod, (x,)).export(path)
     runner = Interpreter(model_path=path, num_threads=threads).get_signature_runner()
     xn = x.numpy()
-    err = float(abs(runner(args_0=xn)["output_0"] - xn).max())
+    ref = xn if reference is None else reference.numpy()
+    err = float(abs(runner(args_0=xn)["output_0"] - ref).max())
     return (lambda: runner(args_0=xn)), err
 
 
@@ -109,7 +127,8 @@ def main():
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per size (>= 3 rounds)")
     ap.add_argument("--direct-max", type=int, default=1024, help="skip the direct form above this S")
     ap.add_argument("--onnx-size", type=int, nargs="*", default=[256], help="sizes for onnxruntime")
-    ap.add_argument("--tflite", action="store_true", help="also time LiteRT at --onnx-size")
+    ap.add_argument("--tflite", action="store_true", help="also time LiteRT at --onnx-size (and --blocks)")
+    ap.add_argument("--blocks", action="store_true", help="also time the models' whole FFT blocks")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time, meaningful with --threads 1 on a shared machine")
     args = ap.parse_args()
@@ -143,25 +162,66 @@ def main():
 
         if s in args.onnx_size:
             with tempfile.TemporaryDirectory() as tmp:
+                run_spec, e_spec = onnx_session(SpectralRoundTrip(s).eval(), x, os.path.join(tmp, "spec.onnx"),
+                                                args.threads)
                 run_fac, e_fac = onnx_session(fac, x, os.path.join(tmp, "fac.onnx"), args.threads)
                 run_dft, e_dft = onnx_session(fft, x, os.path.join(tmp, "dft.onnx"), args.threads)
-                fns = {"eager torch.fft": lambda: fft(x), "ORT factorized matmul": run_fac,
-                       "ORT native DFT": run_dft}
-                errs = {"ORT factorized matmul": e_fac, "ORT native DFT": e_dft}
+                fns = {"eager torch.fft": lambda: fft(x), "ORT per-bin pair [export]": run_spec,
+                       "ORT natural order": run_fac, "ORT native DFT": run_dft}
+                errs = {"ORT per-bin pair [export]": e_spec, "ORT natural order": e_fac, "ORT native DFT": e_dft}
                 if args.tflite:
-                    for lay, mod in (("tflite", RoundTrip(s, True, "tflite").eval()), ("onnx", fac)):
-                        k = f"LiteRT matmul, {lay} layout"
-                        fns[k], errs[k] = tflite_runner(mod, x, os.path.join(tmp, f"{lay}.tflite"),
+                    for k, mod in (("LiteRT tflite layout [export]", RoundTrip(s, True, "tflite").eval()),
+                                   ("LiteRT per-bin pair", SpectralRoundTrip(s).eval())):
+                        fns[k], errs[k] = tflite_runner(mod, x, os.path.join(tmp, f"{len(fns)}.tflite"),
                                                         args.threads)
                 with torch.no_grad():
                     t = time_interleaved(fns, args.rounds, args.budget, clock)
             base = t["eager torch.fft"][0]
             for k, v in t.items():
                 e = f"   round-trip err {errs[k]:.1e}" if k in errs else ""
-                extra.append(f"{s:5d}  {k:28s} {fmt(v)}   x{v[0] / base:5.2f} of eager torch.fft{e}")
+                extra.append(f"{s:5d}  {k:30s} {fmt(v)}   x{v[0] / base:5.2f} of eager torch.fft{e}")
     if extra:
-        print(f"\nRuntimes at S in {args.onnx_size} (min / median ms, ratio of minima):")
+        print(f"\nRuntimes at S in {args.onnx_size} (min / median ms, ratio of minima; [export] = the form "
+              "an export of the FFT models uses):")
         print("\n".join(extra))
+    if args.blocks:
+        print("\nWhole FFT blocks: official block in eager PyTorch vs its deploy form exported "
+              "(min / median ms, ratio of minima):")
+        print("\n".join(block_rows(args, clock)))
+
+
+def block_rows(args, clock) -> list[str]:
+    """The models' FFT blocks at the sizes they run at: DarkIR-m's first-level FreMLP
+    (32 channels at the input size) and SRConvNet's FourierUnit (64 channels at the
+    low-resolution size of a x4 256x256 output, and at 256x256)."""
+    import edgesr
+    from edgesr.models import darkir, srconvnet
+
+    torch.manual_seed(0)
+    cases = [("DarkIR FreMLP", darkir.FreMLP(32), (1, 32, 256, 256)),
+             ("SRConvNet FourierUnit", srconvnet.FourierUnit(64), (1, 64, 64, 64)),
+             ("SRConvNet FourierUnit", srconvnet.FourierUnit(64), (1, 64, 256, 256))]
+    rows = []
+    for name, block, shape in cases:
+        block = block.eval()
+        x = torch.rand(shape)
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            fns = {"eager official (torch.fft)": lambda b=block: b(x)}
+            run, e_onnx = onnx_session(edgesr.make_export_safe(block, "onnx"), x, os.path.join(tmp, "b.onnx"),
+                                       args.threads, reference=block(x))
+            fns["ORT deploy block"] = run
+            errs = {"ORT deploy block": e_onnx}
+            if args.tflite:
+                fns["LiteRT deploy block"], errs["LiteRT deploy block"] = tflite_runner(
+                    edgesr.make_export_safe(block, "tflite"), x, os.path.join(tmp, "b.tflite"), args.threads,
+                    reference=block(x))
+            t = time_interleaved(fns, args.rounds, args.budget, clock)
+        base = t["eager official (torch.fft)"][0]
+        label = f"{name} {tuple(shape)}"
+        for k, v in t.items():
+            e = f"   max-abs vs official {errs[k]:.1e}" if k in errs else ""
+            rows.append(f"{label:36s} {k:28s} {fmt(v)}   x{v[0] / base:5.2f}{e}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -339,6 +339,26 @@ def test_safe_fremlp_fp32_and_shared_bases():
     assert all(b.dtype == torch.float32 for b in f32.buffers())
 
 
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_safe_fremlp_zero_bins_take_phase_zero(target):
+    """Exactly-zero bins (zero input: every bin) get phase 0 like torch's angle(+0+0i), so
+    the MLP's bias output comes back as a real spectrum; the result is finite and equals
+    the torch.fft original, for both targets' DFT pairs.  (Bins that are zero in one FFT
+    and rounding noise in the other have no defined phase, so only all-zero input is
+    compared.)"""
+    torch.manual_seed(3)
+    m = D.FreMLP(4).eval()
+    with torch.no_grad():
+        m.process1[2].bias.uniform_(0.5, 1.0)  # nonzero output magnitude at zero bins
+    s = edgesr.make_export_safe(m, target)
+    x = torch.zeros(1, 4, 70, 66)
+    with torch.no_grad():
+        ref, out = m(x), s(x)
+    assert torch.isfinite(out).all()
+    assert (ref - out).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+    assert float(m(torch.zeros(1, 4, 70, 66)).abs().max()) > 1e-3  # the zero-bin rule matters here
+
+
 def test_safe_fremlp_nonstrict_export_constants():
     """Non-strict capture (the ONNX / litert-torch path) at sizes never run eagerly, two
     levels in one graph, then the decomposition the ONNX exporter runs."""

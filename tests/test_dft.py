@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgesr.reparam.dft import DIRECT_MAX, LAYOUTS, RealIRFFT2, RealRFFT2, split_factor, unit_phase
+from edgesr.reparam.dft_spectral import SpectralIRFFT2, SpectralRFFT2
 
 NORMS = ("backward", "ortho", "forward")
 # 1, 2, tiny, primes (direct matmul), odd composites, powers of two, mixed.
@@ -394,9 +395,10 @@ def _small_models():
 
 @pytest.mark.parametrize("name", ["darkir", "srconvnet"])
 def test_deploy_tflite_target_uses_tflite_layout_without_broadcast(name):
-    """``make_export_safe(m, target)`` (so ``edgesr.deploy``) picks the DFT layout of the
-    target: for "tflite" no basis is broadcast in the graph litert-torch lowers (so no
-    BROADCAST_TO); the "onnx" form does broadcast (control).  Feature sizes > DIRECT_MAX,
+    """``make_export_safe(m, target)`` (so ``edgesr.deploy``) picks the DFT pair of the
+    target: for "tflite" the natural-order "tflite" layout, with no basis broadcast in the
+    graph litert-torch lowers (so no BROADCAST_TO); for "onnx" the digit-reversed per-bin
+    pair, which does broadcast (control).  Feature sizes > DIRECT_MAX,
     so the Cooley-Tukey (batched) stages are in the graph; outputs equal the train form."""
     from conftest import real_image
 
@@ -421,5 +423,10 @@ def test_deploy_tflite_target_uses_tflite_layout_without_broadcast(name):
             pair = darkir.dft_bases(h, w, torch.float32, torch.device("cpu"), target)
             dfts = [pair.rfft, pair.irfft]
         else:  # bases live on the module (the eager forward above built them)
-            dfts = [m for m in dep.modules() if isinstance(m, (RealRFFT2, RealIRFFT2))]
-        assert dfts and all(m.layout == target and m.h2 > 1 for m in dfts)
+            dfts = [m for m in dep.modules()
+                    if isinstance(m, (RealRFFT2, RealIRFFT2, SpectralRFFT2, SpectralIRFFT2))]
+        if target == "tflite":  # natural order, tflite layout
+            assert dfts and all(isinstance(m, (RealRFFT2, RealIRFFT2)) and m.layout == target and m.h2 > 1
+                                for m in dfts)
+        else:  # split sizes: the digit-reversed per-bin pair (edgesr.reparam.dft_spectral.per_bin_dft)
+            assert dfts and all(isinstance(m, (SpectralRFFT2, SpectralIRFFT2)) and m.hi > 1 for m in dfts)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reparam.rules import register_fold, register_rewrite
-from ..reparam.safe_ops import ChannelLayerNorm, ChannelNormShift, RealIRFFT2, RealRFFT2, unit_phase
+from ..reparam.safe_ops import ChannelLayerNorm, ChannelNormShift, per_bin_dft
 from .registry import ModelSpec, SizeRule, StateDict, Variant, register
 
 ENC_BLOCKS = (1, 2, 3)
@@ -276,12 +276,12 @@ class GlobalAvgPool2d(nn.Module):
 
 
 class _DFTPair(nn.Module):
-    """``RealRFFT2`` + ``RealIRFFT2`` (backward norm) for one feature size and dtype."""
+    """The per-bin DFT pair (backward norm) of one feature size, dtype and target
+    (:func:`~edgesr.reparam.dft_spectral.per_bin_dft`: FreMLP only works per bin)."""
 
     def __init__(self, h: int, w: int, dtype: torch.dtype, layout: str = "onnx"):
         super().__init__()
-        self.rfft = RealRFFT2(h, w, norm="backward", dtype=dtype, layout=layout)
-        self.irfft = RealIRFFT2(h, w, norm="backward", dtype=dtype, layout=layout)
+        self.rfft, self.irfft = per_bin_dft(h, w, "backward", dtype, layout)
 
 
 class _DFTCache:
@@ -330,7 +330,7 @@ def dft_bases(h: int, w: int, dtype: torch.dtype, device: torch.device,
               layout: str = "onnx") -> _DFTPair:
     """The (shared, cached) DFT modules of one feature size, with *real* constant bases.
 
-    ``layout`` is the DFT op arrangement (``edgesr.reparam.dft.LAYOUTS``, = export target).
+    ``layout`` is the export target (``edgesr.reparam.dft.LAYOUTS``); it picks the DFT pair (``per_bin_dft``).
     - eager: built once per (H, W, dtype, device, layout) and reused by every FreMLP of that size;
     - strict export (dynamo): built via ``assume_constant_result``;
     - non-strict export (fake tensors + proxy tracing; the ONNX and litert-torch paths):
@@ -357,11 +357,12 @@ def dft_bases(h: int, w: int, dtype: torch.dtype, device: torch.device,
 class SafeFreMLP(nn.Module):
     """FreMLP with a real matmul DFT (backward norm) and the phase as a unit vector.
 
-    ``X = rfft2(x)`` -> ``(re, im)``; ``|X| = sqrt(re^2 + im^2)``; ``(cos, sin) =
-    unit_phase(re, im)`` (no atan2/cos/sin; exactly-zero bins get phase 0, which is
-    what torch gives for ``+0 + 0i`` -- zero bins are undefined for parity); MLP on
-    ``|X|``; ``irfft2(mag' cos, mag' sin)``.  Exact vs the torch.fft original (fp64
-    rounding level); no complex tensors.
+    ``X = rfft2(x)`` -> ``(re, im)`` (bins in the pair's own order, see ``per_bin_dft``);
+    ``|X| = sqrt(re^2 + im^2)``; MLP on ``|X|``; ``irfft2(mag' cos, mag' sin)`` with the
+    phase as the unit vector of :func:`unit_phase` (``cos = re/|X|``, ``sin = im/|X|``; no
+    atan2/cos/sin; exactly-zero bins get phase 0, which is what torch gives for
+    ``+0 + 0i`` -- zero bins are undefined for parity), computed as ``(re, im) * mag'/|X|``.
+    Exact vs the torch.fft original (fp64 rounding level); no complex tensors.
 
     The bases depend on the feature size (H, W), known only at call time; they come from
     :func:`dft_bases` (a bounded module-level cache keyed by (H, W, dtype, device, layout)), so the
@@ -372,15 +373,23 @@ class SafeFreMLP(nn.Module):
     def __init__(self, process1: nn.Sequential, layout: str = "onnx"):
         super().__init__()
         self.process1 = process1
-        self.layout = layout  # DFT op arrangement, = the export target (see edgesr.reparam.dft)
+        self.layout = layout  # DFT pair, = the export target (edgesr.reparam.dft_spectral.per_bin_dft)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pair = dft_bases(int(x.shape[-2]), int(x.shape[-1]), x.dtype, x.device, self.layout)
         re, im = pair.rfft(x)
-        mag = torch.sqrt(re * re + im * im)
-        cos, sin = unit_phase(re, im)
-        mag = self.process1(mag)
-        return pair.irfft(mag * cos, mag * sin)
+        m2 = re * re + im * im
+        nonzero = m2 > 0
+        mag = torch.sqrt(m2)
+        new_mag = self.process1(mag)
+        # new_mag * (cos, sin) of the phase, as unit_phase defines it (cos = re/|X|,
+        # sin = im/|X|; phase 0 at an exactly zero bin), as (re, im) * new_mag/|X|: one
+        # division and two selects per bin instead of two divisions and three selects
+        # (a Where costs onnxruntime ~3x a Mul).  At a zero bin re is replaced by 1 and
+        # |X| by 1, giving (new_mag, im * new_mag) with im == 0 -- or, if re^2 + im^2
+        # underflowed, |im| < 1e-22: rounding level either way.
+        ratio = new_mag / torch.where(nonzero, mag, 1.0)
+        return pair.irfft(torch.where(nonzero, re, 1.0) * ratio, im * ratio)
 
 
 class EBlockDeploy(nn.Module):
@@ -596,7 +605,7 @@ def _fold_darkir(m: DarkIR) -> nn.Module:
 # Export-safe rewrites (target independent)
 #   - LayerNorm2d (autograd.Function) -> ChannelLayerNorm (plain mean/var ops, bit-equal).
 #   - FreMLP (torch.fft, abs/angle/cos/sin, complex) -> SafeFreMLP (matmul DFT, unit phase);
-#     only the DFT op layout depends on the target (edgesr.reparam.dft, LAYOUTS).
+#     only the DFT pair depends on the target (edgesr.reparam.dft_spectral.per_bin_dft).
 #   - train-form EBlock/DBlock (only when make_export_safe runs without fold): their
 #     AdaptiveAvgPool2d(1) -> mean over H, W.  The deploy blocks already use the mean.
 #   The grouped DBlock conv is left to the fold (ONNX and LiteRT both take it natively).
@@ -610,7 +619,7 @@ def _safe_layernorm(m: LayerNorm2d, target: str) -> nn.Module:
 
 @register_rewrite(FreMLP)
 def _safe_fremlp(m: FreMLP, target: str) -> nn.Module:
-    return SafeFreMLP(m.process1, layout=target)  # DFT layout tuned per runtime
+    return SafeFreMLP(m.process1, layout=target)  # DFT pair tuned per runtime
 
 
 @register_rewrite(EBlock, DBlock)

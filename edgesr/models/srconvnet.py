@@ -414,16 +414,13 @@ def _build_trace_dft(height: int, width: int, dtype: torch.dtype, device: torch.
                      layout: str) -> int:
     """Fill ``_TRACE_DFT`` for one size.  Under dynamo (strict export) this runs eagerly
     and its result is taken as a constant, so the bases are computed outside the graph."""
-    from ..reparam.safe_ops import RealIRFFT2, RealRFFT2
+    from ..reparam.safe_ops import per_bin_dft
 
     key = (height, width, dtype, device, layout)
     if key not in _TRACE_DFT:
         while len(_TRACE_DFT) >= 8:
             _TRACE_DFT.pop(next(iter(_TRACE_DFT)))
-        _TRACE_DFT[key] = (
-            RealRFFT2(height, width, "ortho", dtype=dtype, layout=layout).to(device),
-            RealIRFFT2(height, width, "ortho", dtype=dtype, layout=layout).to(device),
-        )
+        _TRACE_DFT[key] = tuple(m.to(device) for m in per_bin_dft(height, width, "ortho", dtype, layout))
     return 0
 
 
@@ -467,12 +464,12 @@ class SafeFourierUnit(nn.Module):
 
     Either way the graph holds no trig/arange ops, only matmuls against constants.  For
     B > 1 nothing changes (the DFT is applied per (batch, channel) plane).  ``layout``
-    (= the export target) picks the DFT op arrangement (:mod:`edgesr.reparam.dft`).
+    (= the export target) picks the DFT pair (:func:`edgesr.reparam.dft_spectral.per_bin_dft`).
     """
 
     def __init__(self, m: FourierUnit, layout: str = "onnx"):
         super().__init__()
-        self.layout = layout  # DFT op arrangement, = the export target (see edgesr.reparam.dft)
+        self.layout = layout  # DFT pair, = the export target (edgesr.reparam.dft_spectral.per_bin_dft)
         w = m.conv_layer.weight
         if m.conv_layer.groups != 1:
             raise ValueError("SafeFourierUnit supports groups=1 only")
@@ -490,14 +487,14 @@ class SafeFourierUnit(nn.Module):
     def prepare(self, height: int, width: int, dtype: torch.dtype | None = None,
                 device: torch.device | None = None) -> "SafeFourierUnit":
         """Build the DFT bases for a (height, width) input (no-op if already built)."""
-        from ..reparam.safe_ops import RealIRFFT2, RealRFFT2
+        from ..reparam.safe_ops import per_bin_dft
 
         dtype = dtype or self.conv.weight.dtype
         device = torch.device(device) if device is not None else self.conv.weight.device
         key = (int(height), int(width), dtype, device)
         if self._key != key:
-            self.rfft = RealRFFT2(key[0], key[1], "ortho", dtype=dtype, layout=self.layout).to(device)
-            self.irfft = RealIRFFT2(key[0], key[1], "ortho", dtype=dtype, layout=self.layout).to(device)
+            rfft, irfft = per_bin_dft(key[0], key[1], "ortho", dtype, self.layout)
+            self.rfft, self.irfft = rfft.to(device), irfft.to(device)
             self._key = key
         return self
 
@@ -518,7 +515,7 @@ class SafeFourierUnit(nn.Module):
 
 @register_rewrite(FourierUnit)
 def _safe_fourier_unit(m: FourierUnit, target: str) -> nn.Module:
-    return SafeFourierUnit(m, layout=target)  # DFT layout tuned per runtime
+    return SafeFourierUnit(m, layout=target)  # DFT pair tuned per runtime
 
 
 # ----------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ constant, contiguous buffer (litert-torch silently merges *non-contiguous*
 constants) registered with ``persistent=False`` so state_dicts stay clean.
 Shapes are static: one module per (H, W).
 
+These modules return the spectrum in natural order (``torch.fft.rfft2`` semantics).  The
+models' FFT blocks only do per-bin work, so their deploy forms take their pair from
+:func:`edgesr.reparam.dft_spectral.per_bin_dft`, which for ONNX exports of split sizes
+uses a digit-reversed pair with far fewer transposes (:mod:`edgesr.reparam.dft_spectral`).
+
 Math (spec ``srconvnet_darkir.md`` §3)
 --------------------------------------
 Each axis of length N is split Cooley-Tukey style, N = N1*N2 with N1 ~ sqrt(N):

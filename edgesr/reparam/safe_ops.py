@@ -17,6 +17,7 @@ from ..errors import SizeRuleError
 
 # --- Real DFT (rfft2 / irfft2 as factorized matmuls) -------------------------------
 from .dft import RealIRFFT2, RealRFFT2, unit_phase  # noqa: E402,F401
+from .dft_spectral import SpectralIRFFT2, SpectralRFFT2, per_bin_dft  # noqa: E402,F401
 
 # --- Pooling and resizing ----------------------------------------------------------
 
