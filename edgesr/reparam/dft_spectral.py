@@ -8,7 +8,8 @@ freedom: the forward leaves each axis's frequencies in the order its Cooley-Tuke
 stages produce them (decimation in frequency) and the inverse consumes them in that
 order (decimation in time), so no stage has to restore the natural order.  Every
 matmul is then a left-multiply ``basis @ data`` whose contracted axes sit right after
-the plane axis ``m`` with a long contiguous tail, and the only data movements are
+the plane axis ``m`` (and, in a twiddled stage, after its batch axis) with a contiguous
+tail, and the only data movements are
 four per-plane 2-D transposes.  The natural-order :class:`~edgesr.reparam.dft.RealRFFT2`
 needs about five multi-axis permutes per direction instead, which is most of its
 time in onnxruntime (``benchmarks/ort_profile.py --dft 256``).  :func:`per_bin_dft` picks
