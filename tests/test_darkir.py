@@ -388,16 +388,25 @@ def test_safe_fremlp_nonstrict_export_constants():
         assert (ep.module()(x) - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
 
 
-def test_layernorm_rewrite_bit_exact():
+def test_layernorm_rewrite_bit_exact_for_tflite_rounding_level_for_onnx():
+    """The plain-ops LayerNorm is bit-identical to the autograd Function (TFLite target);
+    for onnxruntime its channel means are 1x1 convs (MATMUL_MEAN_TARGETS), equal to
+    rounding level, with the same state_dict."""
     ln = D.LayerNorm2d(6)
     with torch.no_grad():
         ln.weight.normal_()
         ln.bias.normal_()
-    safe = edgesr.make_export_safe(ln)
-    assert isinstance(safe, ChannelLayerNorm)
     x = torch.randn(2, 6, 7, 5)
-    assert torch.equal(ln(x), safe(x))
-    assert safe.state_dict().keys() == ln.state_dict().keys()
+    for target in ("tflite", "onnx"):
+        safe = edgesr.make_export_safe(ln, target)
+        assert isinstance(safe, ChannelLayerNorm)
+        assert safe.state_dict().keys() == ln.state_dict().keys()
+        with torch.no_grad():
+            ref, out = ln(x), safe(x)
+        if target == "tflite":
+            assert not safe.mean_as_matmul and torch.equal(ref, out)
+        else:
+            assert safe.mean_as_matmul and (ref - out).abs().max() <= 1e-5 * float(ref.abs().max())
 
 
 def test_rewrite_without_fold_removes_adaptive_pool():

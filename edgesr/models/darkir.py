@@ -522,7 +522,7 @@ _MAX_NORM_SHIFT = 1e3
 
 
 def _bare_norm(norm: nn.Module) -> ChannelLayerNorm:
-    return ChannelLayerNorm(None, None, norm.eps)
+    return ChannelLayerNorm(None, None, norm.eps, channels=norm.weight.numel())
 
 
 @register_fold(EBlock)
@@ -603,7 +603,9 @@ def _fold_darkir(m: DarkIR) -> nn.Module:
 
 # =====================================================================================
 # Export-safe rewrites (target independent)
-#   - LayerNorm2d (autograd.Function) -> ChannelLayerNorm (plain mean/var ops, bit-equal).
+#   - LayerNorm2d (autograd.Function) -> ChannelLayerNorm (plain mean/var ops, bit-equal;
+#     for onnxruntime the channel means are ones-row matmuls, rounding level: MATMUL_MEAN_TARGETS).
+#     The folds' ChannelNormShift / bare ChannelLayerNorm do the same via export_safe().
 #   - FreMLP (torch.fft, abs/angle/cos/sin, complex) -> SafeFreMLP (matmul DFT, unit phase);
 #     only the DFT pair depends on the target (edgesr.reparam.dft_spectral.per_bin_dft).
 #   - train-form EBlock/DBlock (only when make_export_safe runs without fold): their
@@ -614,7 +616,7 @@ def _fold_darkir(m: DarkIR) -> nn.Module:
 
 @register_rewrite(LayerNorm2d)
 def _safe_layernorm(m: LayerNorm2d, target: str) -> nn.Module:
-    return ChannelLayerNorm(m.weight, m.bias, m.eps)
+    return ChannelLayerNorm(m.weight, m.bias, m.eps).export_safe(target)  # channel mean per target
 
 
 @register_rewrite(FreMLP)

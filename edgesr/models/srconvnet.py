@@ -513,6 +513,16 @@ class SafeFourierUnit(nn.Module):
         return irfft(y[:, :c], y[:, c:])
 
 
+@register_rewrite(LayerNorm)
+def _layernorm_for_target(m: LayerNorm, target: str) -> nn.Module:
+    """Kept as is, except where the channel mean runs faster as a matmul (onnxruntime)."""
+    from ..reparam.safe_ops import MATMUL_MEAN_TARGETS, ChannelLayerNorm
+
+    if target not in MATMUL_MEAN_TARGETS or m.data_format != "channels_first":
+        return m
+    return ChannelLayerNorm(m.weight, m.bias, m.eps).export_safe(target)
+
+
 @register_rewrite(FourierUnit)
 def _safe_fourier_unit(m: FourierUnit, target: str) -> nn.Module:
     return SafeFourierUnit(m, layout=target)  # DFT pair tuned per runtime

@@ -98,51 +98,109 @@ class IntegerUpsample(nn.Module):
 # --- Normalisation -----------------------------------------------------------------
 
 
-class ChannelNormShift(nn.Module):
+# onnxruntime (1.31, CPU) runs ReduceMean over the channel axis of an NCHW tensor on one
+# thread: 25 ms for 64x256x256 at 1 and at 2 threads, where the same mean as a ones-row
+# MatMul (a GEMV over the channels) takes 1.1 / 0.5 ms -- and SRConvNet / SAFMN / DarkIR
+# take two such means per channels-first LayerNorm.  (A 1x1 conv would be 6.2 / 3.3 ms
+# alone, but in a model its NCHWc layout reorders ate most of the gain.)  LiteRT sees
+# NHWC, where the channel mean is a MEAN over the innermost axis and already fast, so
+# there the official op order is kept.
+MATMUL_MEAN_TARGETS = frozenset({"onnx"})
+
+
+def _channel_mean(x: torch.Tensor, ones: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of (B, C, H, W): ``x.mean(1, keepdim=True)``, or with ``ones`` (a
+    (1, C) row of ones) the channel sum as one matmul over the flattened plane, divided by
+    C (summation order differs: rounding level, not bit-equal).  Ones, not 1/C: exact in
+    every dtype, so a module built in one precision and cast to another stays exact."""
+    if ones is None:
+        return x.mean(1, keepdim=True)
+    if ones.dtype != x.dtype or ones.device != x.device:
+        # follow x (a bare norm has no parameter to take dtype/device from when it is built);
+        # only when needed: an exported ``.to`` would make the row a computed tensor.
+        ones = ones.to(device=x.device, dtype=x.dtype)
+    b, c, h, w = x.shape
+    return torch.matmul(ones, x.reshape(b, c, h * w)).reshape(b, 1, h, w) / c
+
+
+class _ChannelNormBase(nn.Module):
+    """Shared by the channels-first norms: the optional matmul channel mean."""
+
+    def _init_mean(self, channels: int, mean_as_matmul: bool, like: torch.Tensor | None) -> None:
+        self.channels = int(channels)
+        ones = None
+        if mean_as_matmul:
+            kw = {} if like is None else {"dtype": like.dtype, "device": like.device}
+            ones = torch.ones((1, self.channels), **kw)
+        self.register_buffer("ones", ones, persistent=False)
+
+    @property
+    def mean_as_matmul(self) -> bool:
+        return self.ones is not None
+
+    def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x - u, s): centred input and biased variance over channels, ConvNeXt op order."""
+        d = x - _channel_mean(x, self.ones)
+        return d, _channel_mean(d.pow(2), self.ones)
+
+
+class ChannelNormShift(_ChannelNormBase):
     """Channels-first LayerNorm without the scale: ``(x - u) / sqrt(s + eps) + shift``.
 
     ``u``/``s`` are the mean and *biased* variance over channels, computed in the same
     op order as the BasicSR/ConvNeXt channels-first LayerNorm.  This is what remains of
     ``g * n + b`` after the scale ``g`` is folded into a following zero-padded conv:
     ``conv_W(g*n + b) == conv_{W*g}(n + b/g)`` exactly (the padding stays zero on both
-    sides), provided every ``g`` is nonzero.
+    sides), provided every ``g`` is nonzero.  ``mean_as_matmul``: the channel means as
+    matmuls with a ones row (:data:`MATMUL_MEAN_TARGETS`; what ``export_safe`` gives there).
     """
 
-    def __init__(self, shift: torch.Tensor, eps: float):
+    def __init__(self, shift: torch.Tensor, eps: float, mean_as_matmul: bool = False):
         super().__init__()
         self.shift = nn.Parameter(shift.detach().clone())
         self.eps = float(eps)
+        self._init_mean(shift.numel(), mean_as_matmul, shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return x + self.shift[:, None, None]
+        d, s = self._moments(x)
+        return d / torch.sqrt(s + self.eps) + self.shift[:, None, None]
+
+    def export_safe(self, target: str) -> nn.Module:
+        if target not in MATMUL_MEAN_TARGETS or self.mean_as_matmul:
+            return self
+        return ChannelNormShift(self.shift, self.eps, mean_as_matmul=True)
 
     def extra_repr(self) -> str:
-        return f"{self.shift.numel()}, eps={self.eps}"
+        return f"{self.shift.numel()}, eps={self.eps}" + (", mean as matmul" if self.mean_as_matmul else "")
 
 
-class ChannelLayerNorm(nn.Module):
+class ChannelLayerNorm(_ChannelNormBase):
     """Channels-first LayerNorm in plain ops: ``w * (x - u) / sqrt(s + eps) + b``.
 
     ``u``/``s`` are the mean and *biased* variance over dim 1, in the op order of the
     NAFNet/DarkIR ``LayerNormFunction`` and the ConvNeXt channels-first LayerNorm, so it is
-    bit-identical to both.  It replaces autograd-Function LayerNorms (which exporters may
-    emit as PythonOp).  ``weight``/``bias`` may be ``None`` when the affine part has been
-    folded into a following 1x1 conv (then it is the bare normalisation).
+    bit-identical to both (with ``mean_as_matmul``, rounding-level: the means are matmuls
+    with a ones row, see :data:`MATMUL_MEAN_TARGETS`).  It replaces autograd-Function LayerNorms (which
+    exporters may emit as PythonOp).  ``weight``/``bias`` may be ``None`` when the affine
+    part has been folded into a following 1x1 conv (then it is the bare normalisation and
+    ``channels`` must be given).
     """
 
-    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                 channels: int | None = None, mean_as_matmul: bool = False):
         super().__init__()
         self.weight = None if weight is None else nn.Parameter(weight.detach().clone().reshape(-1))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().reshape(-1))
         self.eps = float(eps)
+        ref = weight if weight is not None else bias
+        if channels is None:
+            if ref is None:
+                raise ValueError("ChannelLayerNorm without weight and bias needs channels=")
+            channels = ref.numel()
+        self._init_mean(channels, mean_as_matmul, ref)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        d = x - u
-        s = d.pow(2).mean(1, keepdim=True)
+        d, s = self._moments(x)
         y = d / (s + self.eps).sqrt()
         if self.weight is not None:
             y = self.weight[:, None, None] * y
@@ -150,9 +208,14 @@ class ChannelLayerNorm(nn.Module):
             y = y + self.bias[:, None, None]
         return y
 
+    def export_safe(self, target: str) -> nn.Module:
+        if target not in MATMUL_MEAN_TARGETS or self.mean_as_matmul:
+            return self
+        return ChannelLayerNorm(self.weight, self.bias, self.eps, self.channels, mean_as_matmul=True)
+
     def extra_repr(self) -> str:
         n = "no affine" if self.weight is None and self.bias is None else "affine"
-        return f"{n}, eps={self.eps}"
+        return f"{self.channels}, {n}, eps={self.eps}" + (", mean as matmul" if self.mean_as_matmul else "")
 
 
 # --- SoftPool ----------------------------------------------------------------------
