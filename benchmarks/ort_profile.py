@@ -19,36 +19,20 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # safe_ops: the DFT round trips
 
 
 def export_dft(size: int, channels: int, layout: str, path: str) -> dict[str, np.ndarray]:
     import torch
+    from safe_ops import RoundTrip, SpectralRoundTrip, export_onnx_file
 
-    from edgesr.reparam.dft import RealIRFFT2, RealRFFT2
-    from edgesr.reparam.dft_spectral import SpectralIRFFT2, SpectralRFFT2
-
-    class RoundTrip(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            if layout == "spectral":
-                self.f, self.g = SpectralRFFT2(size, size, "ortho"), SpectralIRFFT2(size, size, "ortho")
-            else:
-                self.f = RealRFFT2(size, size, "ortho", layout=layout)
-                self.g = RealIRFFT2(size, size, "ortho", layout=layout)
-
-        def forward(self, x):
-            return self.g(*self.f(x))
-
+    mod = SpectralRoundTrip(size) if layout == "spectral" else RoundTrip(size, True, layout)
     x = torch.randn(1, channels, size, size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(RoundTrip().eval(), (x,), path, dynamo=True, opset_version=18, external_data=False,
-                          input_names=["x"], verbose=False)
+    export_onnx_file(mod.eval(), x, path)
     return {"x": x.numpy()}
 
 

@@ -86,13 +86,18 @@ def time_interleaved(fns: dict, rounds: int, budget_s: float, clock=time.perf_co
     return {k: (min(v), statistics.median(v), len(v)) for k, v in times.items()}
 
 
-def onnx_session(mod, x, path, threads, reference=None):
-    import onnxruntime as ort
-
+def export_onnx_file(mod, x, path) -> None:
+    """The plain torch.onnx (dynamo, opset 18) export these benchmarks time; one input "x"."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(mod, (x,), path, dynamo=True, opset_version=18, external_data=False,
                           input_names=["x"], verbose=False)
+
+
+def onnx_session(mod, x, path, threads, reference=None):
+    import onnxruntime as ort
+
+    export_onnx_file(mod, x, path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])

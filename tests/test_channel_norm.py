@@ -21,6 +21,7 @@ from torch import nn
 import edgesr
 from edgesr.models import darkir, safmn, srconvnet
 from edgesr.reparam.safe_ops import MATMUL_MEAN_TARGETS, ChannelLayerNorm, ChannelNormShift
+from conftest import rel_err as _rel
 
 
 def _randomised(m: nn.Module, seed: int) -> nn.Module:
@@ -46,10 +47,6 @@ def _inputs(c: int, dtype=torch.float32):
     x_real = img.repeat(1, -(-c // 3), 1, 1)[:, :c] * 3.0 - 1.0
     x_rand = torch.randn(2, c, 13, 8, generator=torch.Generator().manual_seed(4), dtype=dtype) * 10 + 5
     return [x_real, x_rand]
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_targets():

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from edgesr.reparam.dft import DIRECT_MAX, LAYOUTS, RealIRFFT2, RealRFFT2, split_factor, unit_phase
 from edgesr.reparam.dft_spectral import SpectralIRFFT2, SpectralRFFT2
+from conftest import rel_err as _rel
 
 NORMS = ("backward", "ortho", "forward")
 # 1, 2, tiny, primes (direct matmul), odd composites, powers of two, mixed.
@@ -38,11 +39,6 @@ direct = st.sampled_from([1, DIRECT_MAX])
 layouts = st.sampled_from(LAYOUTS)
 fast = settings(max_examples=25, deadline=None)
 by_layout = pytest.mark.parametrize("layout", LAYOUTS)
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
-    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def _check_rfft2(lead, h, w, norm, dtype, tol, seed=0, direct_max=DIRECT_MAX, layout="onnx"):

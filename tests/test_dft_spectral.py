@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from edgesr.reparam.dft import DIRECT_MAX, LAYOUTS, RealIRFFT2, RealRFFT2
 from edgesr.reparam.dft_spectral import SpectralIRFFT2, SpectralRFFT2, per_bin_dft
+from conftest import rel_err as _rel
 
 NORMS = ("backward", "ortho", "forward")
 SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 5), (4, 4), (7, 13), (8, 8), (12, 18), (16, 30),
@@ -25,11 +26,6 @@ SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (3, 5), (4, 4), (7, 13), (8, 8), (12, 
 FP64_TOL = 1e-12  # max abs error relative to max |reference|
 FP32_TOL = 1e-5
 fast = settings(max_examples=25, deadline=None)
-
-
-def _rel(a, ref) -> float:
-    a, ref = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
-    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def _check_forward(lead, h, w, norm, dtype, tol, seed=0, direct_max=DIRECT_MAX):

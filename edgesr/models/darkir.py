@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reparam.rules import register_fold, register_rewrite
-from ..reparam.safe_ops import ChannelLayerNorm, ChannelNormShift, per_bin_dft
+from ..reparam.safe_ops import ChannelLayerNorm, ChannelNormShift, per_bin_dft, with_magnitude
 from .registry import ModelSpec, SizeRule, StateDict, Variant, register
 
 ENC_BLOCKS = (1, 2, 3)
@@ -361,7 +361,7 @@ class SafeFreMLP(nn.Module):
     ``|X| = sqrt(re^2 + im^2)``; MLP on ``|X|``; ``irfft2(mag' cos, mag' sin)`` with the
     phase as the unit vector of :func:`unit_phase` (``cos = re/|X|``, ``sin = im/|X|``; no
     atan2/cos/sin; exactly-zero bins get phase 0, which is what torch gives for
-    ``+0 + 0i`` -- zero bins are undefined for parity), computed as ``(re, im) * mag'/|X|``.
+    ``+0 + 0i`` -- zero bins are undefined for parity), computed by :func:`with_magnitude`.
     Exact vs the torch.fft original (fp64 rounding level); no complex tensors.
 
     The bases depend on the feature size (H, W), known only at call time; they come from
@@ -378,18 +378,8 @@ class SafeFreMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pair = dft_bases(int(x.shape[-2]), int(x.shape[-1]), x.dtype, x.device, self.layout)
         re, im = pair.rfft(x)
-        m2 = re * re + im * im
-        nonzero = m2 > 0
-        mag = torch.sqrt(m2)
-        new_mag = self.process1(mag)
-        # new_mag * (cos, sin) of the phase, as unit_phase defines it (cos = re/|X|,
-        # sin = im/|X|; phase 0 at an exactly zero bin), as (re, im) * new_mag/|X|: one
-        # division and two selects per bin instead of two divisions and three selects
-        # (a Where costs onnxruntime ~3x a Mul).  At a zero bin re is replaced by 1 and
-        # |X| by 1, giving (new_mag, im * new_mag) with im == 0 -- or, if re^2 + im^2
-        # underflowed, |im| < 1e-22: rounding level either way.
-        ratio = new_mag / torch.where(nonzero, mag, 1.0)
-        return pair.irfft(torch.where(nonzero, re, 1.0) * ratio, im * ratio)
+        mag = torch.sqrt(re * re + im * im)
+        return pair.irfft(*with_magnitude(re, im, mag, self.process1(mag)))
 
 
 class EBlockDeploy(nn.Module):

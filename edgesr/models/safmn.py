@@ -58,8 +58,8 @@ from torch import nn
 
 from ..errors import SizeRuleError
 from ..reparam.rules import register_fold, register_rewrite
-from ..reparam.safe_ops import (MATMUL_MEAN_TARGETS, ChannelLayerNorm, ChannelNormShift, FixedWindowMaxPool,
-                                IntegerUpsample, require_multiple)
+from ..reparam.safe_ops import (ChannelNormShift, FixedWindowMaxPool, IntegerUpsample, channels_first_layernorm_for,
+                                require_multiple)
 from .registry import ModelSpec, SizeRule, StateDict, Variant, register
 
 MIN_SIZE = 8  # h // 8 must be >= 1 for the coarsest pooling level (both families)
@@ -355,12 +355,7 @@ class LightSAFMNPP(nn.Module):
 # ===================================================================================
 
 
-@register_rewrite(LayerNorm)
-def _layernorm_for_target(m: LayerNorm, target: str) -> nn.Module:
-    """Kept as is, except where the channel mean runs faster as a matmul (onnxruntime)."""
-    if target not in MATMUL_MEAN_TARGETS:
-        return m
-    return ChannelLayerNorm(m.weight, m.bias, m.eps).export_safe(target)
+register_rewrite(LayerNorm)(channels_first_layernorm_for)  # matmul channel means for onnxruntime
 
 
 @register_rewrite(SAFM)

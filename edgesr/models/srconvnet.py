@@ -516,11 +516,9 @@ class SafeFourierUnit(nn.Module):
 @register_rewrite(LayerNorm)
 def _layernorm_for_target(m: LayerNorm, target: str) -> nn.Module:
     """Kept as is, except where the channel mean runs faster as a matmul (onnxruntime)."""
-    from ..reparam.safe_ops import MATMUL_MEAN_TARGETS, ChannelLayerNorm
+    from ..reparam.safe_ops import channels_first_layernorm_for
 
-    if target not in MATMUL_MEAN_TARGETS or m.data_format != "channels_first":
-        return m
-    return ChannelLayerNorm(m.weight, m.bias, m.eps).export_safe(target)
+    return channels_first_layernorm_for(m, target) if m.data_format == "channels_first" else m
 
 
 @register_rewrite(FourierUnit)

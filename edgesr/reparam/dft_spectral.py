@@ -52,17 +52,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dft import DIRECT_MAX, _cis, _scale, split_factor
+from .dft import DIRECT_MAX, LAYOUTS, RealIRFFT2, RealRFFT2, _axis_plan, _c2r_weight, _cis, _scale
 
 __all__ = ["SpectralRFFT2", "SpectralIRFFT2", "per_bin_dft"]
 
 
-def _axis_split(n: int, direct_max: int) -> tuple[int, int]:
-    """(No, Ni) with n = No*Ni; Ni = 1 means one direct stage."""
-    if n <= direct_max:
-        return n, 1
-    no = split_factor(n)
-    return (n, 1) if no == n else (no, n // no)
+def _digits(n_lo: int, stride: int, n_hi: int) -> torch.Tensor:
+    """(n_lo, n_hi) grid of ``lo + stride*hi``: the frequency stored at (ko, ki), ko outer."""
+    return torch.arange(n_lo)[:, None] + stride * torch.arange(n_hi)[None, :]
 
 
 def _complex_left(c: torch.Tensor, s: torch.Tensor, rows_ri_first: bool, cols_ri_first: bool) -> torch.Tensor:
@@ -89,8 +86,8 @@ class _SpectralBase(nn.Module):
         self.height, self.width, self.norm = height, width, norm
         self.wf = width // 2 + 1
         self._dtype = dtype
-        self.ho, self.hi = _axis_split(height, direct_max)
-        self.wo, self.wi = _axis_split(width, direct_max)
+        self.ho, self.hi = _axis_plan(height, True, direct_max)  # Ni = 1: one direct stage
+        self.wo, self.wi = _axis_plan(width, True, direct_max)
         if self.wi > 1:
             self.kwo, self.kwi = self.wo, -(-self.wf // self.wo)
         else:  # direct W stage: it produces exactly the wf kept bins
@@ -103,10 +100,13 @@ class _SpectralBase(nn.Module):
         ``spectrum[..., p, q]`` is the DFT bin ``X[kh[p], kw[q]]`` of the full 2-D DFT;
         columns with ``kw >= W//2 + 1`` are extra (ignored by the inverse).
         """
-        ar = torch.arange
-        kh = (ar(self.ho)[:, None] + self.ho * ar(self.hi)[None, :]).reshape(-1)
-        kw = (ar(self.kwo)[:, None] + self.wo * ar(self.kwi)[None, :]).reshape(-1)
-        return kh, kw
+        return self._h_freq().reshape(-1), self._w_freq().reshape(-1)
+
+    def _h_freq(self) -> torch.Tensor:
+        return _digits(self.ho, self.ho, self.hi)  # (kho, khi)
+
+    def _w_freq(self) -> torch.Tensor:
+        return _digits(self.kwo, self.wo, self.kwi)  # (kwo, kwi)
 
     def _buf(self, name: str, t: torch.Tensor) -> None:
         # contiguous + own storage (litert-torch merges non-contiguous constants), not in state_dict.
@@ -114,15 +114,11 @@ class _SpectralBase(nn.Module):
 
     def _w_twiddle_phase(self) -> torch.Tensor:
         """(kwo, kwi, wi) integer phases wi*(kwo + Wo*kwi) of the twiddled W stage."""
-        ar = torch.arange
-        k = ar(self.kwo)[:, None] + self.wo * ar(self.kwi)[None, :]
-        return k[:, :, None] * ar(self.wi)
+        return self._w_freq()[:, :, None] * torch.arange(self.wi)
 
     def _h_twiddle_phase(self) -> torch.Tensor:
         """(kho, khi, hi) integer phases hi*(kho + Ho*khi) of the twiddled H stage."""
-        ar = torch.arange
-        k = ar(self.ho)[:, None] + self.ho * ar(self.hi)[None, :]
-        return k[:, :, None] * ar(self.hi)
+        return self._h_freq()[:, :, None] * torch.arange(self.hi)
 
     def extra_repr(self) -> str:
         return (f"height={self.height}, width={self.width}, norm={self.norm!r}, "
@@ -193,13 +189,7 @@ class SpectralIRFFT2(_SpectralBase):
         # I2: rows (ri, ho), cols (kho, ri)
         c, s = _cis(ar(self.ho)[:, None] * ar(self.ho)[None, :], self.ho)
         self._buf("i2", _complex_left(c, s, rows_ri_first=True, cols_ri_first=False))
-        # C2R weights d_k per stored column (kwo, kwi); 0 on the extra columns.
-        k = ar(self.kwo)[:, None] + self.wo * ar(self.kwi)[None, :]
-        d = torch.full(k.shape, 2.0, dtype=torch.float64)
-        d[k == 0] = 1.0
-        if W % 2 == 0:
-            d[k == W // 2] = 1.0
-        d[k >= self.wf] = 0.0
+        d = _c2r_weight(self._w_freq(), W)  # per stored column (kwo, kwi); 0 on the extra ones
         if self.wi > 1:
             # I3: batched over kwo, rows (ri, wi), cols (kwi, ri), d_k folded per column.
             c, s = _cis(self._w_twiddle_phase().transpose(1, 2), W)          # (kwo, wi, kwi)
@@ -250,11 +240,9 @@ def per_bin_dft(height: int, width: int, norm: str, dtype: torch.dtype,
     - ``"tflite"``: the natural-order "tflite" layout (no run-time basis broadcast, which
       costs LiteRT a BROADCAST_TO per batched stage): (32, 256²) 100 vs 107 ms.
     """
-    from .dft import LAYOUTS, RealIRFFT2, RealRFFT2
-
     if target not in LAYOUTS:
         raise ValueError(f"target must be one of {LAYOUTS}, got {target!r}")
-    split = _axis_split(height, DIRECT_MAX)[1] > 1 or _axis_split(width, DIRECT_MAX)[1] > 1
+    split = _axis_plan(height, True, DIRECT_MAX)[1] > 1 or _axis_plan(width, True, DIRECT_MAX)[1] > 1
     if target == "onnx" and split:
         return (SpectralRFFT2(height, width, norm, dtype=dtype),
                 SpectralIRFFT2(height, width, norm, dtype=dtype))

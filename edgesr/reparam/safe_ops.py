@@ -9,6 +9,8 @@ Sections are owned by topic; add to a section, keep blocks small and documented.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from ..errors import SizeRuleError
 
 # --- Real DFT (rfft2 / irfft2 as factorized matmuls) -------------------------------
-from .dft import RealIRFFT2, RealRFFT2, unit_phase  # noqa: E402,F401
+from .dft import RealIRFFT2, RealRFFT2, unit_phase, with_magnitude  # noqa: E402,F401
 from .dft_spectral import SpectralIRFFT2, SpectralRFFT2, per_bin_dft  # noqa: E402,F401
 
 # --- Pooling and resizing ----------------------------------------------------------
@@ -138,6 +140,14 @@ class _ChannelNormBase(nn.Module):
     def mean_as_matmul(self) -> bool:
         return self.ones is not None
 
+    def export_safe(self, target: str) -> nn.Module:
+        """This norm with matmul channel means for :data:`MATMUL_MEAN_TARGETS` (a copy), else itself."""
+        if target not in MATMUL_MEAN_TARGETS or self.mean_as_matmul:
+            return self
+        fast = copy.deepcopy(self)
+        fast._init_mean(self.channels, True, next(self.parameters(), None))
+        return fast
+
     def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x - u, s): centred input and biased variance over channels, ConvNeXt op order."""
         d = x - _channel_mean(x, self.ones)
@@ -164,11 +174,6 @@ class ChannelNormShift(_ChannelNormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, s = self._moments(x)
         return d / torch.sqrt(s + self.eps) + self.shift[:, None, None]
-
-    def export_safe(self, target: str) -> nn.Module:
-        if target not in MATMUL_MEAN_TARGETS or self.mean_as_matmul:
-            return self
-        return ChannelNormShift(self.shift, self.eps, mean_as_matmul=True)
 
     def extra_repr(self) -> str:
         return f"{self.shift.numel()}, eps={self.eps}" + (", mean as matmul" if self.mean_as_matmul else "")
@@ -208,14 +213,17 @@ class ChannelLayerNorm(_ChannelNormBase):
             y = y + self.bias[:, None, None]
         return y
 
-    def export_safe(self, target: str) -> nn.Module:
-        if target not in MATMUL_MEAN_TARGETS or self.mean_as_matmul:
-            return self
-        return ChannelLayerNorm(self.weight, self.bias, self.eps, self.channels, mean_as_matmul=True)
-
     def extra_repr(self) -> str:
         n = "no affine" if self.weight is None and self.bias is None else "affine"
         return f"{self.channels}, {n}, eps={self.eps}" + (", mean as matmul" if self.mean_as_matmul else "")
+
+
+def channels_first_layernorm_for(m: nn.Module, target: str) -> nn.Module:
+    """Rewrite of an official channels-first LayerNorm (``weight``, ``bias``, ``eps``; ConvNeXt
+    op order): kept as is, except where the channel mean runs faster as a matmul."""
+    if target not in MATMUL_MEAN_TARGETS:
+        return m
+    return ChannelLayerNorm(m.weight, m.bias, m.eps).export_safe(target)
 
 
 # --- SoftPool ----------------------------------------------------------------------
