@@ -31,6 +31,24 @@ class ExportError(EdgeSRError):
     """The requested export is not possible (e.g. dynamic shapes on TFLite)."""
 
 
+class OutputError(EdgeSRError):
+    """An output cannot be written: it is an input, a directory, on a full or read-only
+    file system, or not permitted.  The message names the path and the reason."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) arrived: unwinds like Ctrl-C so temp files are cleaned up.
+
+    A KeyboardInterrupt, not an Exception, so no ``except Exception`` swallows it.
+    Exit code 128 + signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(name)
+        self.exit_code = 128 + signum
+        self.signal_name = name
+
+
 class ParityError(EdgeSRError):
     """An artifact missed its parity threshold (exit code 1)."""
 
