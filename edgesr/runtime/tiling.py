@@ -1,0 +1,252 @@
+"""Tiled super-resolution of images of any size -- pure numpy, self-contained.
+
+This module imports nothing but numpy (and the standard library) on purpose: the device
+bundle's one-file script (:mod:`edgesr.bench.bundle`) embeds its source verbatim, so the
+board runs exactly the algorithm tested here without edgesr installed.
+
+Contract: ``run(x)`` maps an NCHW float32 batch ``(1, 3, h, w)`` in [0, 1] to
+``(1, 3, s*h, s*w)``; ``image`` is ``(H, W, 3)`` float32 in [0, 1].
+
+Padding.  Inputs are padded (right/bottom) when they break the size rule or are
+smaller than a fixed tile, and the output is cropped back.  The pad *reflects* the image
+(``np.pad(mode="reflect")``, mirror without repeating the edge pixel -- what
+``F.pad(mode="reflect")`` does in BasicSR-style test code) because a mirrored
+continuation keeps the image statistics the network saw in training near the border;
+zeros would put an artificial black edge inside the receptive field of real pixels.
+Reflect needs ``pad < size``; a side shorter than that (e.g. a 1-px-high image) is
+padded by *replicating* the edge.
+
+Tiling.  Tiles of ``tile`` input pixels start at evenly spaced positions (the last one
+flush with the border) so that neighbours overlap by at least ``overlap`` px.  Each tile
+is a crop of the (padded) image, never of zeros, so a tile edge only differs from the
+whole-image run within the model's receptive field of that edge.  Neighbours are
+stitched at the centre of their overlap with a linear cross-fade ``blend`` px wide
+(output weights of the two tiles sum to 1, and the 2-D weights are a product of 1-D
+profiles, so they form a partition of unity without normalisation).  The part of each
+tile that is used therefore stays ``(overlap - blend) / 2`` px away from its cut edges;
+``blend`` defaults to ``overlap // 4`` (a cross-fade hides the residual difference of
+models that are not translation-exact, e.g. pooled ones, while keeping most of the
+overlap as clean margin).
+
+Output is produced in row bands (:func:`iter_upscaled_rows`) so a caller can convert a
+huge image to uint8/uint16 band by band instead of holding the float32 result.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+
+Run = Callable[[np.ndarray], np.ndarray]
+Progress = Callable[[int, int], None]
+
+#: Overlap used when the model's receptive field is unbounded/unknown (input px).
+FALLBACK_OVERLAP = 16
+
+
+def rule_values(size_rule) -> tuple[int, int]:
+    """``(min_size, multiple_of)`` of a ``SizeRule``, a metadata mapping or ``None``."""
+    if size_rule is None:
+        return 1, 1
+    if isinstance(size_rule, dict):
+        get = size_rule.get
+    else:
+        def get(key, default=None):
+            return getattr(size_rule, key, default)
+    return max(1, int(get("min_size", 1) or 1)), max(1, int(get("multiple_of", 1) or 1))
+
+
+def default_overlap(receptive_field: int | None, tile: tuple[int, int] | None = None) -> int:
+    """Overlap (input px) from the model's receptive-field radius (``None``: unbounded).
+
+    Twice the radius leaves a clean margin of about one radius on each side of the
+    cross-fade; capped at half the smaller tile side so tiles still advance.
+    """
+    overlap = FALLBACK_OVERLAP if receptive_field is None else 2 * int(receptive_field)
+    if tile is not None:
+        overlap = min(overlap, min(tile) // 2)
+    return max(0, overlap)
+
+
+def padded_size(size: int, min_size: int, multiple_of: int) -> int:
+    """The smallest size >= ``size`` (and >= ``min_size``) divisible by ``multiple_of``."""
+    size = max(size, min_size)
+    return -(-size // multiple_of) * multiple_of
+
+
+def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad ``(H, W, C)`` on the bottom/right to ``height x width`` (reflect, else replicate)."""
+    h, w = image.shape[:2]
+    ph, pw = height - h, width - w
+    if ph <= 0 and pw <= 0:
+        return image
+    ph, pw = max(ph, 0), max(pw, 0)
+    out = image
+    if ph:
+        out = np.pad(out, ((0, ph), (0, 0), (0, 0)), mode="reflect" if ph < h else "edge")
+    if pw:
+        out = np.pad(out, ((0, 0), (0, pw), (0, 0)), mode="reflect" if pw < w else "edge")
+    return out
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spaced tile starts covering ``length``, neighbours overlapping >= ``overlap``."""
+    if length <= tile:
+        return [0]
+    step = max(1, tile - overlap)
+    count = 1 + math.ceil((length - tile) / step)
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def blend_profiles(starts: list[int], tile: int, scale: int, blend: int) -> list[np.ndarray]:
+    """Per-tile 1-D output weights (length ``scale * tile``) that sum to 1 everywhere.
+
+    Between neighbours a and b the seam sits at the centre of their overlap; a's weight
+    falls linearly from 1 to 0 across ``blend`` px (output: ``scale * blend``) centred
+    on it and b's rises by the same amount.
+    """
+    n_out = scale * tile
+    centres = np.arange(n_out, dtype=np.float64) + 0.5
+    profiles = []
+    for i, start in enumerate(starts):
+        w = np.ones(n_out, dtype=np.float64)
+        pos = centres + scale * start  # output coordinates of this tile's pixels
+        if i > 0:  # rising edge shared with the previous tile
+            w = np.minimum(w, _ramp(pos, _seam(starts[i - 1], start, tile, blend), scale))
+        if i + 1 < len(starts):  # falling edge shared with the next tile
+            w = np.minimum(w, 1.0 - _ramp(pos, _seam(start, starts[i + 1], tile, blend), scale))
+        profiles.append(w.astype(np.float32))
+    return profiles
+
+
+def _seam(a: int, b: int, tile: int, blend: int) -> tuple[float, float]:
+    """Centre and width (input px) of the cross-fade between tiles starting at a < b."""
+    overlap = a + tile - b
+    return (b + a + tile) / 2.0, float(min(blend, overlap))
+
+
+def _ramp(pos: np.ndarray, seam: tuple[float, float], scale: int) -> np.ndarray:
+    """0 before the seam's band, 1 after it, linear inside (a step when the width is 0)."""
+    centre, width = seam[0] * scale, seam[1] * scale
+    if width <= 0:
+        return (pos >= centre).astype(np.float64)
+    return np.clip((pos - (centre - width / 2.0)) / width, 0.0, 1.0)
+
+
+def _run_tile(run: Run, tile: np.ndarray, scale: int) -> np.ndarray:
+    x = np.ascontiguousarray(tile.transpose(2, 0, 1)[None], dtype=np.float32)
+    y = np.asarray(run(x), dtype=np.float32)
+    expected = (1, 3, scale * tile.shape[0], scale * tile.shape[1])
+    if y.shape != expected:
+        raise ValueError(f"model returned {tuple(y.shape)} for a {tile.shape[0]}x{tile.shape[1]} input; "
+                         f"expected {expected} (scale {scale})")
+    return y[0].transpose(1, 2, 0)
+
+
+def iter_upscaled_rows(
+    run: Run,
+    image: np.ndarray,
+    scale: int,
+    *,
+    tile: tuple[int, int] | None = None,
+    overlap: int | None = None,
+    size_rule=None,
+    blend: int | None = None,
+    progress: Progress | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first_output_row, rows)`` bands of the upscaled image, top to bottom.
+
+    Bands are final (float32, unclamped, ``scale * W`` wide) and together cover exactly
+    ``scale * H`` rows.  ``progress(done, total)`` is called after every model run.
+    """
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    min_size, multiple_of = rule_values(size_rule)
+    if tile is None:
+        padded = pad_image(image, padded_size(h, min_size, multiple_of), padded_size(w, min_size, multiple_of))
+        out = _run_tile(run, padded, scale)
+        if progress:
+            progress(1, 1)
+        yield 0, out[: scale * h, : scale * w]
+        return
+
+    th, tw = _check_tile(tile, min_size, multiple_of)
+    overlap = default_overlap(None, (th, tw)) if overlap is None else int(overlap)
+    overlap = max(0, min(overlap, min(th, tw) // 2))
+    blend = overlap // 4 if blend is None else max(0, min(int(blend), overlap))
+    # Sides shorter than the tile are padded up to it (a fixed artifact takes nothing else).
+    padded = pad_image(image, max(h, th), max(w, tw))
+    ph, pw = padded.shape[:2]
+    ys, xs = tile_starts(ph, th, overlap), tile_starts(pw, tw, overlap)
+    wy, wx = blend_profiles(ys, th, scale, blend), blend_profiles(xs, tw, scale, blend)
+    total, done = len(ys) * len(xs), 0
+
+    out_h, out_w = scale * h, scale * w
+    acc_top = 0  # output row of acc[0]
+    acc = np.zeros((0, scale * pw, 3), dtype=np.float32)
+    for i, y0 in enumerate(ys):
+        band_end = scale * (y0 + th)
+        if band_end - acc_top > acc.shape[0]:
+            grow = np.zeros((band_end - acc_top - acc.shape[0], acc.shape[1], 3), dtype=np.float32)
+            acc = np.concatenate([acc, grow])
+        rows = slice(scale * y0 - acc_top, band_end - acc_top)
+        for j, x0 in enumerate(xs):
+            out = _run_tile(run, padded[y0 : y0 + th, x0 : x0 + tw], scale)
+            weight = wy[i][:, None, None] * wx[j][None, :, None]
+            acc[rows, scale * x0 : scale * (x0 + tw)] += out * weight
+            done += 1
+            if progress:
+                progress(done, total)
+        # Rows above the next tile row receive no more contributions: emit them.
+        final = scale * ys[i + 1] if i + 1 < len(ys) else band_end
+        n_final = final - acc_top
+        emit_end = min(final, out_h)
+        if emit_end > acc_top:
+            yield acc_top, acc[: emit_end - acc_top, :out_w].copy()
+        acc = acc[n_final:]
+        acc_top = final
+
+
+def upscale_array(
+    run: Run,
+    image: np.ndarray,
+    scale: int,
+    *,
+    tile: tuple[int, int] | None = None,
+    overlap: int | None = None,
+    size_rule=None,
+    blend: int | None = None,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """The ``(scale*H, scale*W, 3)`` float32 (unclamped) upscale of ``image``.
+
+    ``tile=None`` runs the whole image at once (padded to ``size_rule`` and cropped);
+    otherwise fixed ``(th, tw)`` tiles overlapping by ``overlap`` px (default
+    :data:`FALLBACK_OVERLAP`, capped at half a tile) are stitched as described in the
+    module docstring.
+    """
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    out = np.empty((scale * h, scale * w, 3), dtype=np.float32)
+    for top, rows in iter_upscaled_rows(run, image, scale, tile=tile, overlap=overlap,
+                                        size_rule=size_rule, blend=blend, progress=progress):
+        out[top : top + rows.shape[0]] = rows
+    return out
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    return image.astype(np.float32, copy=False)
+
+
+def _check_tile(tile, min_size: int, multiple_of: int) -> tuple[int, int]:
+    th, tw = (int(t) for t in tile)
+    for side in (th, tw):
+        if side < min_size or side % multiple_of:
+            rule = f">= {min_size}" + (f" and a multiple of {multiple_of}" if multiple_of > 1 else "")
+            raise ValueError(f"tile {th}x{tw} breaks the model's size rule (sides {rule})")
+    return th, tw
