@@ -309,6 +309,8 @@ def export_model(
         "input_range": "[0,1]",
         "native_range": f"[0,{spec.input_range:g}]",
         "size_rule": json.dumps(spec.size_rule.as_dict()),
+        # Tiled upscaling of the artifact alone derives its default overlap from it.
+        "receptive_field": "unbounded" if spec.receptive_field is None else str(spec.receptive_field),
         "input_size": "dynamic" if dynamic else f"{size[0]}x{size[1]}",
         "weights": loaded.source,
         "seed": "" if loaded.seed is None else str(loaded.seed),

@@ -672,6 +672,7 @@ SPEC = register(
         # The zero pad to a multiple of 8 is part of the model, so any size >= 1 works;
         # the DFT bases are baked per feature size, hence static-shape export only.
         size_rule=SizeRule(min_size=1, multiple_of=1),
+        receptive_field=None,  # FFT blocks and global average pooling: global
         dynamic_shapes=False,
         signature_keys=_SIGNATURE,
     )

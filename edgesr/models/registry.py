@@ -112,6 +112,10 @@ class ModelSpec:
     signature_keys: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     deploy_checkpoint: Callable[[StateDict], StateDict] | None = None
+    #: Radius (input px) of the deploy form's receptive field: an output pixel depends only on
+    #: inputs within this distance.  ``None``: unbounded or not translation-exact (pooling,
+    #: FFT, global statistics).  Tiled upscaling derives its default overlap from it.
+    receptive_field: int | None = None
 
     def variant(self, name: str | None) -> Variant:
         name = name or self.default_variant

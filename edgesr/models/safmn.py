@@ -582,6 +582,7 @@ SAFMN_SPEC = register(
         detect=_detect_safmn,
         input_range=1.0,
         size_rule=_DEPLOY_SIZES,
+        receptive_field=None,  # max pooling + interpolation: grid-dependent, ~70 px measured
         dynamic_shapes=True,
         signature_keys=(
             "to_feat.weight",
@@ -602,6 +603,7 @@ SAFMNPP_SPEC = register(
         detect=_detect_safmnpp,
         input_range=1.0,
         size_rule=_DEPLOY_SIZES,
+        receptive_field=None,  # max pooling + interpolation: grid-dependent, ~70 px measured
         dynamic_shapes=True,
         signature_keys=(
             "to_feat.weight",

@@ -243,5 +243,8 @@ SPEC = register(
         after_load=_after_load,
         signature_keys=("conv_1.eval_conv.weight", "block_1.c1_r.eval_conv.weight", "upsampler.0.weight"),
         deploy_checkpoint=_deploy_checkpoint,
+        # Pure 3x3 convs: conv_1 + 6 SPABs x 3 (c1_r..c3_r) + conv_2 + upsampler = 21 on the
+        # longest path, 1 px each (1x1 conv_cat and the attention are pointwise); measured 21.
+        receptive_field=21,
     )
 )

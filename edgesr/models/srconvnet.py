@@ -581,6 +581,7 @@ SPEC = register(
         input_range=255.0,
         size_rule=SizeRule(min_size=1, multiple_of=1),
         dynamic_shapes=False,  # DFT bases are baked per input size
+        receptive_field=None,  # FFT mixing: every output pixel sees the whole input
         signature_keys=(
             "blocks.0.attention.a.conv_layer.weight",
             "blocks.0.attention.layer_scale",
