@@ -32,7 +32,7 @@ from torch import nn
 
 from ..reparam.rules import register_fold, register_rewrite
 from ..reparam.safe_ops import ChannelLayerNorm, ChannelNormShift, per_bin_dft, with_magnitude
-from .registry import ModelSpec, SizeRule, StateDict, Variant, register
+from .registry import Misfit, ModelSpec, SizeRule, StateDict, Variant, register
 
 ENC_BLOCKS = (1, 2, 3)
 DEC_BLOCKS = (3, 1, 1)
@@ -625,7 +625,6 @@ def _safe_block_pool(m: nn.Module, target: str) -> nn.Module:
 # Registration
 # =====================================================================================
 
-_WIDTHS = {32: "m", 64: "l"}
 _SIGNATURE = (
     "intro.weight",
     "encoders.0.modules_list.0.freq.process1.0.weight",
@@ -634,25 +633,66 @@ _SIGNATURE = (
 )
 
 
+def _config(width: int, enc=ENC_BLOCKS, middle_enc=MIDDLE_ENC, middle_dec=MIDDLE_DEC, dec=DEC_BLOCKS) -> dict[str, Any]:
+    return {"width": width, "enc_blk_nums": tuple(enc), "middle_blk_num_enc": middle_enc,
+            "middle_blk_num_dec": middle_dec, "dec_blk_nums": tuple(dec)}
+
+
 def _build(config: Mapping[str, Any], scale: int) -> nn.Module:
     if scale != 1:
         raise ValueError(f"DarkIR is a restoration model (scale 1), got x{scale}")
-    return DarkIR(width=int(config["width"]))
+    return DarkIR(width=int(config["width"]), middle_blk_num_enc=config.get("middle_blk_num_enc", MIDDLE_ENC),
+                  middle_blk_num_dec=config.get("middle_blk_num_dec", MIDDLE_DEC),
+                  enc_blk_nums=tuple(config.get("enc_blk_nums", ENC_BLOCKS)),
+                  dec_blk_nums=tuple(config.get("dec_blk_nums", DEC_BLOCKS)))
 
 
-def _detect(sd: StateDict) -> tuple[str, int] | None:
+def _count(sd: StateDict, prefix: str) -> int:
+    """How many ``<prefix>.N.`` indices there are (0..N-1 without gaps), 0 if none."""
+    idx = {int(k[len(prefix) + 1:].split(".", 1)[0]) for k in sd
+           if isinstance(k, str) and k.startswith(prefix + ".") and k[len(prefix) + 1:].split(".", 1)[0].isdigit()}
+    if idx != set(range(len(idx))):
+        raise Misfit(f"{prefix}.N indices are not 0..N-1 without gaps")
+    return len(idx)
+
+
+def _read_config(sd: StateDict) -> tuple[dict[str, Any], int] | None:
     if not all(k in sd for k in _SIGNATURE):
         return None
     intro = sd["intro.weight"]
     if intro.ndim != 4 or tuple(intro.shape[1:]) != (3, 3, 3):
-        return None
+        raise Misfit(f"intro.weight has shape {tuple(intro.shape)}, expected (width, 3, 3, 3)")
     width = int(intro.shape[0])
+    levels = _count(sd, "encoders")
+    if _count(sd, "decoders") != levels or _count(sd, "downs") != levels or _count(sd, "ups") != levels:
+        raise Misfit(f"{levels} encoders but a different number of decoders/downs/ups")
+    enc = tuple(_count(sd, f"encoders.{i}.modules_list") for i in range(levels))
+    dec = tuple(_count(sd, f"decoders.{i}.modules_list") for i in range(levels))
+    middle_enc = _count(sd, "middle_blks_enc.modules_list")
+    middle_dec = _count(sd, "middle_blks_dec.modules_list")
+    n_dil = _count(sd, "middle_blks_dec.modules_list.0.branches")
+    if n_dil != len(DILATIONS):
+        raise Misfit(f"middle_blks_dec.modules_list.0.branches has {n_dil} branches; dilations cannot be read "
+                     f"from shapes, only the official {len(DILATIONS)} ({DILATIONS}) are known")
+    if "encoders.0.modules_list.0.extra_conv.weight" not in sd:
+        raise Misfit("encoders.0.modules_list.0.extra_conv.weight is missing (extra_depth_wise=False is not supported)")
+    top = width * 2**levels
     ec = sd["middle_blks_dec.modules_list.0.extra_conv.weight"]
-    # the grouped DBlock conv (2c, 2, 3, 3) at c = 8 * width
-    if tuple(ec.shape) != (16 * width, 2, 3, 3):
-        return None
-    variant = _WIDTHS.get(width)
-    return None if variant is None else (variant, 1)
+    # the grouped DBlock conv (2c, 2, 3, 3) at the deepest width c
+    if tuple(ec.shape) != (2 * top, 2, 3, 3):
+        raise Misfit(f"middle_blks_dec.modules_list.0.extra_conv.weight has shape {tuple(ec.shape)}, "
+                     f"expected {(2 * top, 2, 3, 3)} for width {width} and {levels} levels")
+    return _config(width, enc, middle_enc, middle_dec, dec), 1
+
+
+def _custom_label(config: Mapping[str, Any]) -> str:
+    return (f"w{config['width']}-enc{'-'.join(map(str, config['enc_blk_nums']))}"
+            f"-mid{config['middle_blk_num_enc']}-{config['middle_blk_num_dec']}"
+            f"-dec{'-'.join(map(str, config['dec_blk_nums']))}")
+
+
+def _detect(sd: StateDict) -> tuple[str, int] | None:
+    return SPEC.detect(sd)
 
 
 SPEC = register(
@@ -660,14 +700,15 @@ SPEC = register(
         name="darkir",
         description="DarkIR (CVPR 2025): low-light enhancement + deblurring, x1",
         variants=(
-            Variant("m", {"width": 32}, scales=(1,), default_scale=1,
+            Variant("m", _config(32), scales=(1,), default_scale=1,
                     description="DarkIR-m, width 32 (3.32M params)"),
-            Variant("l", {"width": 64}, scales=(1,), default_scale=1,
+            Variant("l", _config(64), scales=(1,), default_scale=1,
                     description="DarkIR-l, width 64 (12.96M params)"),
         ),
         default_variant="m",
         build_fn=_build,
-        detect=_detect,
+        read_config=_read_config,
+        custom_label=_custom_label,
         input_range=1.0,
         # The zero pad to a multiple of 8 is part of the model, so any size >= 1 works;
         # the DFT bases are baked per feature size, hence static-shape export only.

@@ -60,6 +60,7 @@ PConv ``1/n`` with zero bias, identity paths added to head/tail).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -68,7 +69,7 @@ from torch import nn
 
 from ..reparam.rules import conv_from_kernel, register_fold, register_rewrite
 from ..reparam.safe_ops import WindowSoftPool2d
-from .registry import ModelSpec, SizeRule, StateDict, Variant, register
+from .registry import Misfit, ModelSpec, SizeRule, StateDict, Variant, register
 
 LRELU_SLOPE = 0.05
 
@@ -360,8 +361,10 @@ def _cat_instead_of_slice_write(m: PlainUSR, target: str) -> nn.Module:
 
 _BASE_VARIANTS = (
     # name, kind, n, im_feat, attn f, description
-    ("u", "ultra", 16, (16, 8), 1, "PlainUSR-U (ultra, LIA-Speed)"),
-    ("t", "ultra", 32, (32, 16), 4, "PlainUSR-T (ultra, LIA-Speed)"),
+    # The ultra models' LIA-Speed has no ``f`` (official attn_feat 1 / 4, unused): None here,
+    # so a config read from shapes equals the variant's.
+    ("u", "ultra", 16, (16, 8), None, "PlainUSR-U (ultra, LIA-Speed)"),
+    ("t", "ultra", 32, (32, 16), None, "PlainUSR-T (ultra, LIA-Speed)"),
     ("s", "general", 32, (32, 16, 8), 4, "PlainUSR-S"),
     ("m", "general", 48, (48, 32, 16), 8, "PlainUSR-M"),
     ("base", "general", 64, (64, 48, 32), 16, "PlainUSR"),
@@ -369,13 +372,17 @@ _BASE_VARIANTS = (
 )
 
 
+def _config(kind: str, n: int, im: tuple[int, ...], f: int | None, train: bool) -> dict[str, Any]:
+    return {"kind": kind, "n_feat": n, "im_feat": tuple(im), "attn_feat": f, "train_form": train,
+            # The spec-level size rule is the strictest (LIA: SoftPool 7x7); ultra needs 1.
+            "min_size": 1 if kind == "ultra" else 7}
+
+
 def _variants() -> tuple[Variant, ...]:
     out = []
     for train in (False, True):
         for name, kind, n, im, f, desc in _BASE_VARIANTS:
-            cfg = {"kind": kind, "n_feat": n, "im_feat": im, "attn_feat": f, "train_form": train,
-                   # The spec-level size rule is the strictest (LIA: SoftPool 7x7); ultra needs 1.
-                   "min_size": 1 if kind == "ultra" else 7}
+            cfg = _config(kind, n, im, f, train)
             label = f"{desc}, {'train-time (RepMBConv/ASR/PConv)' if train else 'Rep (released *_Rep_* layout)'}"
             out.append(Variant(f"{name}-train" if train else name, cfg, (2, 4), 4, label))
     return tuple(out)
@@ -389,16 +396,28 @@ def _build(config: Mapping[str, Any], scale: int) -> nn.Module:
                     scale, config["train_form"])
 
 
-def _first_conv_out(sd: StateDict, block: str, train: bool) -> int | None:
-    t = sd.get(f"{block}.body.0.expand_conv.weight" if train else f"{block}.body.0.weight")
-    if t is None or t.ndim != 4:
-        return None
-    return int(t.shape[1]) if train else int(t.shape[0])
+def _conv_shape(sd: StateDict, key: str) -> tuple[int, ...]:
+    t = sd.get(key)
+    if not isinstance(t, torch.Tensor) or t.ndim != 4:
+        raise Misfit(f"{key} is missing or not a conv weight")
+    return tuple(int(d) for d in t.shape)
 
 
-def _detect(sd: StateDict) -> tuple[str, int] | None:
-    head, tail = sd.get("head.weight"), sd.get("tail.0.weight")
-    if head is None or tail is None or head.ndim != 4 or tail.ndim != 4:
+def _block_width(sd: StateDict, block: str, train: bool) -> int:
+    """The channel prefix a block works on, from its first 3x3 conv (or RepMBConv's expand)."""
+    if train:
+        return _conv_shape(sd, f"{block}.body.0.expand_conv.weight")[1]
+    return _conv_shape(sd, f"{block}.body.0.weight")[0]
+
+
+def _lia_index(kind: str, train: bool) -> int:
+    # body: conv [LReLU conv]* [PConv] attention -> the attention's index
+    n_convs = 3 if kind == "large" else 2
+    return 2 * n_convs - 1 + (1 if train else 0)
+
+
+def _read_config(sd: StateDict) -> tuple[dict[str, Any], int] | None:
+    if "head.weight" not in sd or "tail.0.weight" not in sd:
         return None
     if "block1.body.0.expand_conv.weight" in sd:
         train = True
@@ -406,32 +425,42 @@ def _detect(sd: StateDict) -> tuple[str, int] | None:
         train = False
     else:
         return None
-    n = int(head.shape[0]) - 3
-    out = int(tail.shape[0])
-    scale = round((out // 3) ** 0.5)
-    if out % 3 or 3 * scale * scale != out:
-        return None
+    head, tail = _conv_shape(sd, "head.weight"), _conv_shape(sd, "tail.0.weight")
+    if head[1:] != (3, 3, 3) or head[0] <= 3:
+        raise Misfit(f"head.weight has shape {head}, expected (n_feat + 3, 3, 3, 3)")
+    n = head[0] - 3
+    out = tail[0]
+    scale = math.isqrt(out // 3) if out % 3 == 0 else 0
+    if scale < 1 or 3 * scale * scale != out or tail[1:] != (n + 3, 3, 3):
+        raise Misfit(f"tail.0.weight has shape {tail}, expected (3 x scale^2, {n + 3}, 3, 3)")
+    conv = (lambda b, i: f"{b}.body.{i}.expand_conv.weight") if train else (lambda b, i: f"{b}.body.{i}.weight")
     if "block3.body.0.weight" in sd or "block3.body.0.expand_conv.weight" in sd:
-        third = "block1.body.4.expand_conv.weight" if train else "block1.body.4.weight"
-        kind = "large" if third in sd else "general"
-        widths = tuple(_first_conv_out(sd, b, train) for b in ("block1", "block2", "blockm"))
-        lia = {("general", False): 3, ("large", False): 5, ("general", True): 4, ("large", True): 6}[(kind, train)]
-        a = sd.get(f"block1.body.{lia}.body.0.weight")
-        if a is None or a.ndim != 4:
-            return None
-        f = int(a.shape[0])
+        kind = "large" if conv("block1", 4) in sd else "general"
     else:
         kind = "ultra"
-        widths = tuple(_first_conv_out(sd, b, train) for b in ("block1", "blockm"))
-        f = None
-    for v in VARIANTS:
-        c = v.config
-        if (c["kind"], c["train_form"], c["n_feat"], tuple(c["im_feat"])) != (kind, train, n, widths):
-            continue
-        if f is not None and c["attn_feat"] != f:
-            continue
-        return (v.name, scale) if scale in v.scales else None
-    return None
+    names, _, order = _LAYOUTS[kind]
+    widths: dict[int, int] = {}
+    for name, level in order:  # blocks sharing a level must work on the same prefix
+        w = _block_width(sd, name, train)
+        if widths.setdefault(level, w) != w:
+            raise Misfit(f"{conv(name, 0)} works on {w} channels, but its level needs {widths[level]}")
+        if w > n + 3:
+            raise Misfit(f"{conv(name, 0)} works on {w} channels, more than head's {n + 3}")
+    im = tuple(widths[i] for i in range(len(widths)))
+    f = None
+    if kind != "ultra":
+        key = f"block1.body.{_lia_index(kind, train)}.body.0.weight"
+        f = _conv_shape(sd, key)[0]
+    return _config(kind, n, im, f, train), scale
+
+
+def _custom_label(config: Mapping[str, Any]) -> str:
+    parts = [config["kind"], f"n{config['n_feat']}", "im" + "-".join(map(str, config["im_feat"]))]
+    if config["attn_feat"] is not None:
+        parts.append(f"f{config['attn_feat']}")
+    if config["train_form"]:
+        parts.append("train")
+    return "-".join(parts)
 
 
 SPEC = register(
@@ -441,7 +470,8 @@ SPEC = register(
         variants=VARIANTS,
         default_variant="base",
         build_fn=_build,
-        detect=_detect,
+        read_config=_read_config,
+        custom_label=_custom_label,
         input_range=1.0,
         # LIA's SoftPool needs a 7x7 window; the ultra variants (no LIA) would accept 1px, but
         # the spec carries one rule for all variants (per-variant minimum in Variant.config).

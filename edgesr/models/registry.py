@@ -8,6 +8,7 @@ talk to specs -- never to model names.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -77,13 +78,44 @@ class Variant:
     checkpoint_key: str | None = None
 
 
+class Misfit(Exception):
+    """Raised by a config reader: the keys are this family's, but a shape cannot be expressed.
+
+    The message names the first key (and shape) that does not fit; the loader turns it into
+    a one-line ``CheckpointError``.
+    """
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON round-trippable copy of a config (tuples become lists), for comparisons and metadata."""
+    return json.loads(json.dumps(dict(config), sort_keys=True))
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What a checkpoint's keys and shapes say: the config to build, the scale and a label.
+
+    ``label`` is the known variant's name when the config equals one, else ``custom-...``.
+    """
+
+    config: Mapping[str, Any]
+    scale: int
+    label: str
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the toolchain knows about one architecture family.
 
-    - ``build(variant, scale)`` returns the train-time form (official state-dict keys).
-    - ``detect(state_dict)`` returns ``(variant, scale)`` when the keys/shapes are this
-      architecture's, else ``None``.  It must be cheap and must not raise on foreign dicts.
+    - ``build(variant, scale)`` returns the train-time form (official state-dict keys) of a
+      known variant; ``build_config(config, scale)`` of any config the family can express.
+    - ``read_config(state_dict)`` reads every constructor hyperparameter off keys and
+      shapes: ``(config, scale)`` when the keys are this family's, ``None`` when they are
+      not; it raises :class:`Misfit` (naming the first key/shape) when they are this
+      family's but no config of it fits.  It must be cheap and must not crash on foreign
+      dicts.  ``detect_config`` adds the label; ``detect`` is the ``(label, scale)`` view.
+    - ``custom_label(config)``: a short description of a config that is no known variant
+      (e.g. ``ch32``); the label becomes ``custom-ch32``.
     - ``input_range``: the model's native value range (1.0 or 255.0); exported graphs
       always take [0, 1] and wrap the scaling.
     - ``size_rule``: sizes the *deploy form* processes exactly (the train form may accept
@@ -104,7 +136,8 @@ class ModelSpec:
     variants: tuple[Variant, ...]
     default_variant: str
     build_fn: Callable[[Mapping[str, Any], int], nn.Module]
-    detect: Callable[[StateDict], tuple[str, int] | None]
+    read_config: Callable[[StateDict], tuple[Mapping[str, Any], int] | None]
+    custom_label: Callable[[Mapping[str, Any]], str] = lambda config: "config"
     input_range: float = 1.0
     size_rule: SizeRule = field(default_factory=SizeRule)
     dynamic_shapes: bool = True
@@ -137,12 +170,42 @@ class ModelSpec:
 
     def build(self, variant: str | None = None, scale: int | None = None) -> nn.Module:
         v = self.variant(variant)
-        s = self.resolve_scale(v, scale)
-        model = self.build_fn(v.config, s)
+        return self.build_config(v.config, self.resolve_scale(v, scale), v.name)
+
+    def build_config(self, config: Mapping[str, Any], scale: int, label: str | None = None) -> nn.Module:
+        """The train-time form of any config this family expresses (e.g. one read from a checkpoint)."""
+        model = self.build_fn(config, scale)
         # Remember where the module came from so later stages (export metadata,
-        # parity rebuilds) never have to guess.
-        model.edgesr_info = {"model": self.name, "variant": v.name, "scale": s}
+        # parity rebuilds) never have to guess -- the config makes custom models rebuildable.
+        model.edgesr_info = {"model": self.name, "variant": label or self.label_for(config, scale),
+                             "scale": scale, "config": canonical_config(config)}
         return model
+
+    def label_for(self, config: Mapping[str, Any], scale: int) -> str:
+        """The known variant's name when ``config`` is one (at a scale it has), else ``custom-...``."""
+        want = canonical_config(config)
+        for v in self.variants:
+            if scale in v.scales and canonical_config(v.config) == want:
+                return v.name
+        return f"custom-{self.custom_label(config)}"
+
+    def detect_config(self, sd: StateDict) -> Detected | None:
+        """Config, scale and label read from ``sd``; ``None`` if not this family; raises :class:`Misfit`."""
+        found = self.read_config(sd)
+        if found is None:
+            return None
+        config, scale = found
+        return Detected(config, scale, self.label_for(config, scale))
+
+    def detect(self, sd: StateDict) -> tuple[str, int] | None:
+        """``(label, scale)`` when this family can express ``sd``, else ``None`` (never raises)."""
+        try:
+            found = self.detect_config(sd)
+        except Misfit:
+            return None
+        except Exception:  # a reader must never turn a foreign dict into a crash
+            return None
+        return None if found is None else (found.label, found.scale)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -60,18 +60,19 @@ from ..errors import SizeRuleError
 from ..reparam.rules import register_fold, register_rewrite
 from ..reparam.safe_ops import (ChannelNormShift, FixedWindowMaxPool, IntegerUpsample, channels_first_layernorm_for,
                                 require_multiple)
-from .registry import ModelSpec, SizeRule, StateDict, Variant, register
+from .registry import Misfit, ModelSpec, SizeRule, StateDict, Variant, register
 
 MIN_SIZE = 8  # h // 8 must be >= 1 for the coarsest pooling level (both families)
+MIN_SIZE_NTIRE23 = 16  # the NTIRE 2023 SAFM pools to h // 16 at its coarsest level
 
 
-def _require_min_size(x: torch.Tensor, what: str) -> None:
+def _require_min_size(x: torch.Tensor, what: str, min_size: int = MIN_SIZE) -> None:
     """Friendly error where the official code would fail inside ``adaptive_max_pool2d``."""
     h, w = x.shape[-2], x.shape[-1]
     if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
         return
-    if h < MIN_SIZE or w < MIN_SIZE:
-        raise SizeRuleError(f"{what} needs input height and width >= {MIN_SIZE}, got {h}x{w}")
+    if h < min_size or w < min_size:
+        raise SizeRuleError(f"{what} needs input height and width >= {min_size}, got {h}x{w}")
 
 
 # ===================================================================================
@@ -96,14 +97,19 @@ class LayerNorm(nn.Module):
 
 
 class SAFM(nn.Module):
-    """Spatially-adaptive feature modulation (official, adaptive pooling to ``h // 2**i``)."""
+    """Spatially-adaptive feature modulation (official, adaptive pooling to ``h // 2**i``).
 
-    def __init__(self, dim: int, n_levels: int = 4):
+    ``level_shift=1, bias=False`` is the NTIRE 2023 entry's SAFM (pooling to ``h // 2**(i+1)``,
+    bias-free convs).
+    """
+
+    def __init__(self, dim: int, n_levels: int = 4, level_shift: int = 0, bias: bool = True):
         super().__init__()
         self.n_levels = n_levels
+        self.level_shift = level_shift
         c = dim // n_levels
-        self.mfr = nn.ModuleList([nn.Conv2d(c, c, 3, 1, 1, groups=c) for _ in range(n_levels)])
-        self.aggr = nn.Conv2d(dim, dim, 1, 1, 0)
+        self.mfr = nn.ModuleList([nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=bias) for _ in range(n_levels)])
+        self.aggr = nn.Conv2d(dim, dim, 1, 1, 0, bias=bias)
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,8 @@ class SAFM(nn.Module):
         out = []
         for i in range(self.n_levels):
             if i > 0:
-                s = F.adaptive_max_pool2d(xc[i], (h // 2**i, w // 2**i))
+                k = 2 ** (i + self.level_shift)
+                s = F.adaptive_max_pool2d(xc[i], (h // k, w // k))
                 s = self.mfr[i](s)
                 s = F.interpolate(s, size=(h, w), mode="nearest")
             else:
@@ -135,7 +142,7 @@ class SAFMExportSafe(nn.Module):
         self.mfr = safm.mfr
         self.aggr = safm.aggr
         self.act = safm.act
-        ks = [2**i for i in range(1, self.n_levels)]
+        ks = [2 ** (i + safm.level_shift) for i in range(1, self.n_levels)]
         self.k_max = ks[-1] if ks else 1
         self.pools = nn.ModuleList([FixedWindowMaxPool(k, "SAFMN deploy form") for k in ks])
         self.ups = nn.ModuleList([IntegerUpsample(k, "nearest") for k in ks])
@@ -153,13 +160,13 @@ class SAFMExportSafe(nn.Module):
 class CCM(nn.Module):
     """Convolutional channel mixer: 3x3 (dim -> int(dim*growth)) -> GELU -> 1x1, with biases."""
 
-    def __init__(self, dim: int, growth_rate: float = 2.0):
+    def __init__(self, dim: int, growth_rate: float = 2.0, bias: bool = True):
         super().__init__()
         hidden = int(dim * growth_rate)
         self.ccm = nn.Sequential(
-            nn.Conv2d(dim, hidden, 3, 1, 1),
+            nn.Conv2d(dim, hidden, 3, 1, 1, bias=bias),
             nn.GELU(),
-            nn.Conv2d(hidden, dim, 1, 1, 0),
+            nn.Conv2d(hidden, dim, 1, 1, 0, bias=bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +202,59 @@ class SAFMN(nn.Module):
         x = self.to_feat(x)
         x = self.feats(x) + x
         return self.to_img(x)
+
+
+# ===================================================================================
+# SAFMN NTIRE 2023 ESR entry (``NTIRE2023_ESR/models/team15_SAFMN.py``)
+# ===================================================================================
+
+
+class GRN(nn.Module):
+    """Global response normalisation (ConvNeXt-V2), the NTIRE 2023 entry's one shared norm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.norm(x, p=2, dim=(2, 3), keepdim=True)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class AttBlock23(nn.Module):
+    """NTIRE 2023 block: no norms; bias-free SAFM (pools ``h // 2**(i+1)``) and CCM."""
+
+    def __init__(self, dim: int, ffn_scale: float = 2.0):
+        super().__init__()
+        self.safm = SAFM(dim, level_shift=1, bias=False)
+        self.ccm = CCM(dim, ffn_scale, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.safm(x) + x
+        return self.ccm(x) + x
+
+
+class SAFMN23(nn.Module):
+    """``to_img(feats(GRN(to_feat(x)))) + bilinear_up(x)`` -- no feature-level global residual."""
+
+    def __init__(self, dim: int, n_blocks: int = 8, ffn_scale: float = 2.0, upscaling_factor: int = 4):
+        super().__init__()
+        self.scale = upscaling_factor
+        self.norm = GRN(dim)
+        self.to_feat = nn.Conv2d(3, dim, 3, 1, 1)
+        self.feats = nn.Sequential(*[AttBlock23(dim, ffn_scale) for _ in range(n_blocks)])
+        self.to_img = nn.Sequential(
+            nn.Conv2d(dim, 3 * upscaling_factor**2, 3, 1, 1),
+            nn.PixelShuffle(upscaling_factor),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _require_min_size(x, "SAFMN (NTIRE 2023)", MIN_SIZE_NTIRE23)
+        ident = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        x = self.norm(self.to_feat(x))
+        return self.to_img(self.feats(x)) + ident
 
 
 # ===================================================================================
@@ -461,58 +521,112 @@ def _scale(sd: StateDict, dim: int) -> int | None:
     return r if r >= 1 and 3 * r * r == s[0] else None
 
 
-def _match_variant(variants, scale: int, **found) -> tuple[str, int] | None:
-    for v in variants:
-        cfg = v.config
-        if scale in v.scales and all(_cfg_value(cfg, k) == val for k, val in found.items()):
-            return v.name, scale
-    return None
+def _require(sd: StateDict, key: str, want: tuple[int, ...]) -> None:
+    got = _shape(sd, key)
+    if got is None:
+        raise Misfit(f"{key} is missing (expected shape {want})")
+    if got != want:
+        raise Misfit(f"{key} has shape {got}, expected {want}")
 
 
-def _cfg_value(cfg, key):
-    if key == "hidden":
-        return int(cfg["dim"] * cfg["ffn_scale"])
-    if key == "chunk_dim":
-        return cfg["dim"] // cfg["chunk_ratio"]
-    return cfg[key]
+def _ffn_scale(dim: int, hidden: int) -> float:
+    """The ``ffn_scale`` with ``int(dim * ffn_scale) == hidden`` (the official hidden-width rule)."""
+    for f in (round(hidden / dim, 4), hidden / dim, (hidden + 0.5) / dim):
+        if int(dim * f) == hidden:
+            return f
+    raise Misfit(f"no ffn_scale gives a hidden width of {hidden} at dim {dim}")
 
 
-def _detect_safmn(sd: StateDict) -> tuple[str, int] | None:
+def _common(sd: StateDict, bias: bool) -> tuple[int, int, int] | None:
+    """``(dim, n_blocks, scale)`` from to_feat/feats/to_img, or None if these are not SAFMN-style keys."""
     dim = _to_feat_dim(sd)
-    if dim is None or _shape(sd, "to_feat.bias") != (dim,):
+    if dim is None:
         return None
-    if _shape(sd, "feats.0.norm1.weight") != (dim,):
-        return None
-    if _shape(sd, "feats.0.safm.aggr.weight") != (dim, dim, 1, 1):
-        return None
-    hid = _shape(sd, "feats.0.ccm.ccm.0.weight")
-    n, scale = _n_blocks(sd), _scale(sd, dim)
-    if hid is None or len(hid) != 4 or n is None or scale is None:
-        return None
-    return _match_variant(SAFMN_VARIANTS, scale, dim=dim, n_blocks=n, hidden=hid[0])
+    n = _n_blocks(sd)
+    if n is None:
+        raise Misfit("feats.N block indices are not 0..N-1 without gaps")
+    if bias:
+        _require(sd, "to_feat.bias", (dim,))
+    up = _shape(sd, "to_img.0.weight")
+    if up is None or len(up) != 4:
+        raise Misfit("to_img.0.weight is missing or not a conv weight")
+    scale = _scale(sd, dim)
+    if scale is None:
+        raise Misfit(f"to_img.0.weight has shape {up}, expected (3 x scale^2, {dim}, 3, 3)")
+    return dim, n, scale
 
 
-def _detect_safmnpp(sd: StateDict) -> tuple[str, int] | None:
-    dim = _to_feat_dim(sd)
-    if dim is None or "to_feat.bias" in sd:
+def _safm_shapes(sd: StateDict, dim: int) -> None:
+    if dim % 4:
+        raise Misfit(f"to_feat.weight gives dim {dim}: SAFM splits it into 4 levels (dim must be a multiple of 4)")
+    _require(sd, "feats.0.safm.mfr.0.weight", (dim // 4, 1, 3, 3))
+    _require(sd, "feats.0.safm.aggr.weight", (dim, dim, 1, 1))
+
+
+def _ccm_ffn(sd: StateDict, key: str, dim: int) -> float:
+    hid = _shape(sd, key)
+    if hid is None or len(hid) != 4:
+        raise Misfit(f"{key} is missing or not a conv weight")
+    _require(sd, key, (hid[0], dim, 3, 3))
+    return _ffn_scale(dim, hid[0])
+
+
+def _read_safmn(sd: StateDict) -> tuple[dict, int] | None:
+    if "feats.0.norm1.weight" not in sd or "feats.0.safm.aggr.weight" not in sd:
         return None
-    if _shape(sd, "feats.0.conv1.proj.weight") != (dim, dim, 3, 3):
+    found = _common(sd, bias=True)
+    if found is None:
         return None
-    dw = _shape(sd, "feats.0.conv1.dwconv.weight")
-    if dw is None or len(dw) != 4 or dw[1:] != (1, 3, 3):
+    dim, n, scale = found
+    _require(sd, "feats.0.norm1.weight", (dim,))
+    _safm_shapes(sd, dim)
+    return {"dim": dim, "n_blocks": n, "ffn_scale": _ccm_ffn(sd, "feats.0.ccm.ccm.0.weight", dim)}, scale
+
+
+def _read_safmn23(sd: StateDict) -> tuple[dict, int] | None:
+    if "norm.gamma" not in sd or "feats.0.safm.aggr.weight" not in sd:
         return None
-    if "feats.0.conv2.conv1.weight" in sd:
-        arch, hid = "ntire24", _shape(sd, "feats.0.conv2.conv1.weight")
-    elif "feats.0.conv2.conv.0.weight" in sd:
-        arch, hid = "ais24", _shape(sd, "feats.0.conv2.conv.0.weight")
-    else:
+    found = _common(sd, bias=True)
+    if found is None:
         return None
-    n, scale = _n_blocks(sd), _scale(sd, dim)
-    if hid is None or len(hid) != 4 or n is None or scale is None:
+    dim, n, scale = found
+    _require(sd, "norm.gamma", (1, dim, 1, 1))
+    _safm_shapes(sd, dim)
+    return {"dim": dim, "n_blocks": n, "ffn_scale": _ccm_ffn(sd, "feats.0.ccm.ccm.0.weight", dim)}, scale
+
+
+_PP_ARCHS = {
+    # arch: (CCM first conv key, SimpleSAFM chunk ratio fixed by the official class)
+    "ntire24": ("feats.0.conv2.conv1.weight", 3),
+    "ais24": ("feats.0.conv2.conv.0.weight", 2),
+}
+
+
+def _read_safmnpp(sd: StateDict) -> tuple[dict, int] | None:
+    if "feats.0.conv1.proj.weight" not in sd or "feats.0.conv1.dwconv.weight" not in sd:
         return None
-    return _match_variant(
-        SAFMNPP_VARIANTS, scale, arch=arch, dim=dim, n_blocks=n, hidden=hid[0], chunk_dim=dw[0]
-    )
+    arch = next((a for a, (key, _) in _PP_ARCHS.items() if key in sd), None)
+    if arch is None:
+        return None
+    found = _common(sd, bias=False)
+    if found is None:
+        return None
+    dim, n, scale = found
+    if "to_feat.bias" in sd:
+        raise Misfit("to_feat.bias is present: SAFMN++ convs have no biases")
+    key, ratio = _PP_ARCHS[arch]
+    _require(sd, "feats.0.conv1.proj.weight", (dim, dim, 3, 3))
+    _require(sd, "feats.0.conv1.dwconv.weight", (dim // ratio, 1, 3, 3))
+    cfg = {"arch": arch, "dim": dim, "n_blocks": n, "ffn_scale": _ccm_ffn(sd, key, dim), "chunk_ratio": ratio}
+    return cfg, scale
+
+
+def _label(config) -> str:
+    return f"dim{config['dim']}-b{config['n_blocks']}-ffn{config['ffn_scale']:g}"
+
+
+def _label_pp(config) -> str:
+    return f"{config['arch']}-{_label(config)}"
 
 
 # ===================================================================================
@@ -570,6 +684,10 @@ def _build_safmnpp(cfg, scale: int) -> nn.Module:
     return model
 
 
+def _build_safmn23(cfg, scale: int) -> nn.Module:
+    return SAFMN23(cfg["dim"], cfg["n_blocks"], cfg["ffn_scale"], scale)
+
+
 _DEPLOY_SIZES = SizeRule(min_size=MIN_SIZE, multiple_of=8)
 
 SAFMN_SPEC = register(
@@ -579,7 +697,8 @@ SAFMN_SPEC = register(
         variants=SAFMN_VARIANTS,
         default_variant="base",
         build_fn=_build_safmn,
-        detect=_detect_safmn,
+        read_config=_read_safmn,
+        custom_label=_label,
         input_range=1.0,
         size_rule=_DEPLOY_SIZES,
         receptive_field=None,  # max pooling + interpolation: grid-dependent, ~70 px measured
@@ -600,7 +719,8 @@ SAFMNPP_SPEC = register(
         variants=SAFMNPP_VARIANTS,
         default_variant="base",
         build_fn=_build_safmnpp,
-        detect=_detect_safmnpp,
+        read_config=_read_safmnpp,
+        custom_label=_label_pp,
         input_range=1.0,
         size_rule=_DEPLOY_SIZES,
         receptive_field=None,  # max pooling + interpolation: grid-dependent, ~70 px measured
@@ -612,5 +732,33 @@ SAFMNPP_SPEC = register(
             "to_img.0.weight",
         ),
         aliases=("safmn_pp", "safmnplusplus"),
+    )
+)
+
+SAFMN_NTIRE23_SPEC = register(
+    ModelSpec(
+        name="safmn_ntire23",
+        description="SAFMN NTIRE 2023 ESR entry (team15): one shared GRN norm, bias-free blocks, bilinear skip",
+        variants=(
+            Variant(
+                "base",
+                {"dim": 36, "n_blocks": 8, "ffn_scale": 2.0},
+                scales=(2, 3, 4),
+                default_scale=4,
+                description="NTIRE2023_ESR/models/team15_SAFMN.py: dim 36, 8 blocks; 237,000 params at x4 "
+                "(only x4 released)",
+                checkpoint_key="params",  # NTIRE2023_ESR/test_demo.py loads ['params']
+            ),
+        ),
+        default_variant="base",
+        build_fn=_build_safmn23,
+        read_config=_read_safmn23,
+        custom_label=_label,
+        input_range=1.0,
+        # The coarsest SAFM level pools to h // 16: fixed 16x16 windows are exact for multiples of 16.
+        size_rule=SizeRule(min_size=MIN_SIZE_NTIRE23, multiple_of=16),
+        dynamic_shapes=True,
+        signature_keys=("norm.gamma", "to_feat.weight", "feats.0.safm.aggr.weight", "to_img.0.weight"),
+        aliases=("safmn23", "safmn_2023"),
     )
 )

@@ -35,6 +35,7 @@ so the deploy form keeps an explicit Sub and Mul.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping
 
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reparam.rules import conv_from_kernel, register_fold
-from .registry import ModelSpec, SizeRule, StateDict, Variant, register
+from .registry import Misfit, ModelSpec, SizeRule, StateDict, Variant, register
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 IMG_RANGE = 255.0
@@ -74,17 +75,23 @@ def conv3xc_fold(
 
 
 class Conv3XC(nn.Module):
-    """SPAN's re-parameterisable 3x3 conv (``gain1`` = expansion of the inner convs)."""
+    """SPAN's re-parameterisable 3x3 conv.
 
-    def __init__(self, c_in: int, c_out: int, gain1: int = 2, deploy_only: bool = False):
+    ``gain1`` is the official expansion of the inner convs (``c_in*gain1``, ``c_out*gain1``);
+    ``inner`` overrides those two widths (pruned checkpoints narrow them independently).
+    """
+
+    def __init__(self, c_in: int, c_out: int, gain1: int = 2, deploy_only: bool = False,
+                 inner: tuple[int, int] | None = None):
         super().__init__()
         self.deploy_only = deploy_only
         if not deploy_only:
+            m1, m2 = inner or (c_in * gain1, c_out * gain1)
             self.sk = nn.Conv2d(c_in, c_out, 1)
             self.conv = nn.Sequential(
-                nn.Conv2d(c_in, c_in * gain1, 1),
-                nn.Conv2d(c_in * gain1, c_out * gain1, 3, padding=0),
-                nn.Conv2d(c_out * gain1, c_out, 1),
+                nn.Conv2d(c_in, m1, 1),
+                nn.Conv2d(m1, m2, 3, padding=0),
+                nn.Conv2d(m2, c_out, 1),
             )
         self.eval_conv = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.eval_conv.weight.requires_grad_(False)
@@ -126,11 +133,12 @@ def _fold_conv3xc(m: Conv3XC) -> nn.Module:
 class SPAB(nn.Module):
     """Swift parameter-free attention block; returns ``(out, SiLU(c1_r(x)), attention)``."""
 
-    def __init__(self, channels: int, deploy_only: bool = False):
+    def __init__(self, channels: int, deploy_only: bool = False, layers: Mapping[str, Any] | None = None):
         super().__init__()
-        self.c1_r = Conv3XC(channels, channels, 2, deploy_only)
-        self.c2_r = Conv3XC(channels, channels, 2, deploy_only)
-        self.c3_r = Conv3XC(channels, channels, 2, deploy_only)
+        # layers: this block's Conv3XC widths (see ``uniform_widths``); None = all ``channels``
+        layers = layers or {}
+        for name in ("c1_r", "c2_r", "c3_r"):
+            self.add_module(name, _conv3xc(layers.get(name), channels, deploy_only))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Official: out1 = c1_r(x); SiLU(inplace=True)(out1) -- out1 itself becomes post-SiLU.
@@ -141,25 +149,61 @@ class SPAB(nn.Module):
         return (out3 + x) * att, out1, att
 
 
+def _conv3xc(widths: list[int] | None, channels: int, deploy_only: bool) -> Conv3XC:
+    """A Conv3XC from its width entry ``[c_in, c_out(, inner_in, inner_out)]`` (None: channels->channels)."""
+    if widths is None:
+        return Conv3XC(channels, channels, 2, deploy_only)
+    inner = None if deploy_only else (widths[2], widths[3])
+    return Conv3XC(widths[0], widths[1], 2, deploy_only, inner)
+
+
+CONV3XC_PATHS = ("conv_1", *(f"block_{i}.c{j}_r" for i in range(1, N_BLOCKS + 1) for j in (1, 2, 3)), "conv_2")
+
+
+def uniform_widths(channels: int, deploy_only: bool, in_ch: int = 3) -> dict[str, list[int]]:
+    """The width table of an unpruned SPAN: ``path -> [c_in, c_out(, c_in*2, c_out*2)]``, plus conv_cat."""
+    table = {}
+    for path in CONV3XC_PATHS:
+        c_in = in_ch if path == "conv_1" else channels
+        table[path] = [c_in, channels] if deploy_only else [c_in, channels, 2 * c_in, 2 * channels]
+    table["conv_cat"] = [4 * channels, channels]
+    return table
+
+
 class SPAN(nn.Module):
+    """SPAN; ``norm=False`` is spandrel's ``no_norm`` model (no mean shift / x255 in forward).
+
+    ``widths`` (see :func:`uniform_widths`) gives every Conv3XC its own in/out/inner widths
+    (pruned checkpoints); ``None`` is the official uniform ``feature_channels`` network.
+    """
+
     def __init__(self, feature_channels: int = 48, upscale: int = 4, deploy_only: bool = False,
-                 num_in_ch: int = 3, num_out_ch: int = 3):
+                 num_in_ch: int = 3, num_out_ch: int = 3, norm: bool = True,
+                 widths: Mapping[str, list[int]] | None = None):
         super().__init__()
         c = feature_channels
+        table = dict(widths) if widths else uniform_widths(c, deploy_only, num_in_ch)
         self.upscale = upscale
         self.img_range = IMG_RANGE
+        self.norm = norm
         # Not in the official state dict: a plain tensor there, a non-persistent buffer here.
         self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.conv_1 = Conv3XC(num_in_ch, c, 2, deploy_only)
+        if not norm:
+            # spandrel's marker for models trained without normalisation (kept in the state dict)
+            self.register_buffer("no_norm", torch.zeros(1))
+        self.conv_1 = _conv3xc(table["conv_1"], c, deploy_only)
         for i in range(1, N_BLOCKS + 1):
-            self.add_module(f"block_{i}", SPAB(c, deploy_only))
-        self.conv_cat = nn.Conv2d(4 * c, c, 1)
-        self.conv_2 = Conv3XC(c, c, 2, deploy_only)
-        self.upsampler = nn.Sequential(nn.Conv2d(c, num_out_ch * upscale**2, 3, padding=1),
+            layers = {n: table[f"block_{i}.{n}"] for n in ("c1_r", "c2_r", "c3_r")}
+            self.add_module(f"block_{i}", SPAB(c, deploy_only, layers))
+        cat_in, cat_out = table["conv_cat"]
+        self.conv_cat = nn.Conv2d(cat_in, cat_out, 1)
+        self.conv_2 = _conv3xc(table["conv_2"], c, deploy_only)
+        self.upsampler = nn.Sequential(nn.Conv2d(cat_out, num_out_ch * upscale**2, 3, padding=1),
                                        nn.PixelShuffle(upscale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) * self.img_range
+        if self.norm:
+            x = (x - self.mean) * self.img_range
         f0 = self.conv_1(x)
         f, h, _ = self.block_1(f0)
         f1 = f
@@ -172,17 +216,19 @@ class SPAN(nn.Module):
 # --- spec ------------------------------------------------------------------------------
 
 _SCALES = (2, 3, 4)
+
+
+def _config(channels: int, deploy_only: bool, norm: bool = True, widths=None) -> dict[str, Any]:
+    return {"feature_channels": channels, "deploy_only": deploy_only, "norm": norm, "widths": widths}
+
+
 VARIANTS = (
-    Variant("ch48", {"feature_channels": 48, "deploy_only": False}, _SCALES, 4,
-            "SPAN-S: 48 channels (spanx2_ch48 / spanx4_ch48)"),
-    Variant("ch52", {"feature_channels": 52, "deploy_only": False}, _SCALES, 4,
-            "SPAN: 52 channels (spanx4_ch52)"),
-    Variant("ch28", {"feature_channels": 28, "deploy_only": True}, (4,), 4,
+    Variant("ch48", _config(48, False), _SCALES, 4, "SPAN-S: 48 channels (spanx2_ch48 / spanx4_ch48)"),
+    Variant("ch52", _config(52, False), _SCALES, 4, "SPAN: 52 channels (spanx4_ch52)"),
+    Variant("ch28", _config(28, True), (4,), 4,
             "NTIRE 2024 entry (SPAN30, team38): 28 channels, deploy-only checkpoint"),
-    Variant("ch48-deploy", {"feature_channels": 48, "deploy_only": True}, _SCALES, 4,
-            "ch48 folded by `edgesr reparam` (eval_conv weights only)"),
-    Variant("ch52-deploy", {"feature_channels": 52, "deploy_only": True}, _SCALES, 4,
-            "ch52 folded by `edgesr reparam` (eval_conv weights only)"),
+    Variant("ch48-deploy", _config(48, True), _SCALES, 4, "ch48 folded by `edgesr reparam` (eval_conv weights only)"),
+    Variant("ch52-deploy", _config(52, True), _SCALES, 4, "ch52 folded by `edgesr reparam` (eval_conv weights only)"),
 )
 
 # A folded Conv3XC is a plain conv at the Conv3XC's path; the deploy-only layout keeps it
@@ -195,30 +241,103 @@ def _deploy_checkpoint(sd: StateDict) -> StateDict:
 
 
 def _build(config: Mapping[str, Any], scale: int) -> nn.Module:
-    return SPAN(config["feature_channels"], scale, config["deploy_only"])
+    return SPAN(config["feature_channels"], scale, config["deploy_only"],
+                norm=config.get("norm", True), widths=config.get("widths"))
+
+
+def _custom_label(config: Mapping[str, Any]) -> str:
+    parts = [f"ch{config['feature_channels']}"]
+    if config.get("widths"):
+        parts.append("pruned")
+    if config["deploy_only"]:
+        parts.append("deploy")
+    if not config.get("norm", True):
+        parts.append("nonorm")
+    return "-".join(parts)
+
+
+# --- reading the config off shapes -------------------------------------------------------
+
+
+def _shape(sd: StateDict, key: str, ndim: int) -> tuple[int, ...]:
+    t = sd.get(key)
+    if not isinstance(t, torch.Tensor):
+        raise Misfit(f"{key} is missing")
+    if t.ndim != ndim:
+        raise Misfit(f"{key} has shape {tuple(t.shape)}, expected {ndim} dims")
+    return tuple(int(d) for d in t.shape)
+
+
+def _expect(key: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if shape != want:
+        raise Misfit(f"{key} has shape {shape}, expected {want}")
+
+
+def _conv3xc_widths(sd: StateDict, path: str, deploy_only: bool) -> list[int]:
+    """``[c_in, c_out(, inner_in, inner_out)]`` of one Conv3XC, its own shapes checked against each other."""
+    ev = _shape(sd, f"{path}.eval_conv.weight", 4)
+    c_out, c_in = ev[0], ev[1]
+    _expect(f"{path}.eval_conv.weight", ev, (c_out, c_in, 3, 3))
+    _expect(f"{path}.eval_conv.bias", _shape(sd, f"{path}.eval_conv.bias", 1), (c_out,))
+    if deploy_only:
+        return [c_in, c_out]
+    m1 = _shape(sd, f"{path}.conv.0.weight", 4)[0]
+    m2 = _shape(sd, f"{path}.conv.1.weight", 4)[0]
+    for key, want in ((f"{path}.sk.weight", (c_out, c_in, 1, 1)), (f"{path}.conv.0.weight", (m1, c_in, 1, 1)),
+                      (f"{path}.conv.1.weight", (m2, m1, 3, 3)), (f"{path}.conv.2.weight", (c_out, m2, 1, 1))):
+        _expect(key, _shape(sd, key, 4), want)
+    return [c_in, c_out, m1, m2]
+
+
+def _check_chain(table: dict[str, list[int]]) -> None:
+    """Every Conv3XC must take what the previous one gives (the forward's data flow)."""
+    c = table["conv_1"][1]
+
+    def takes(path: str, idx: int, want: int, what: str) -> None:
+        if table[path][idx] != want:
+            side = "input" if idx == 0 else "output"
+            raise Misfit(f"{path}.eval_conv.weight has {table[path][idx]} {side} channels, "
+                         f"but {what} needs {want}")
+
+    for i in range(1, N_BLOCKS + 1):
+        b = f"block_{i}"
+        takes(f"{b}.c1_r", 0, c, "the feature width")
+        takes(f"{b}.c2_r", 0, table[f"{b}.c1_r"][1], f"{b}.c1_r's output")
+        takes(f"{b}.c3_r", 0, table[f"{b}.c2_r"][1], f"{b}.c2_r's output")
+        takes(f"{b}.c3_r", 1, c, "the block's residual")
+    takes("conv_2", 0, c, "the feature width")
+
+
+def _read_config(sd: StateDict) -> tuple[dict[str, Any], int] | None:
+    if not all(k in sd for k in _SIGNATURE):
+        return None
+    deploy_only = "conv_1.sk.weight" not in sd
+    if deploy_only and any(k.endswith(".sk.weight") for k in sd if isinstance(k, str)):
+        raise Misfit("some Conv3XC have training branches (sk/conv) and some do not; "
+                     "conv_1.sk.weight is missing")
+    table = {p: _conv3xc_widths(sd, p, deploy_only) for p in CONV3XC_PATHS}
+    in_ch, c = table["conv_1"][:2]
+    if in_ch != 3:
+        raise Misfit(f"conv_1.eval_conv.weight takes {in_ch} input channels; edgesr models take RGB (3)")
+    _check_chain(table)
+    cat = _shape(sd, "conv_cat.weight", 4)
+    cat_in = c + table["conv_2"][1] + c + table["block_6.c1_r"][1]  # cat[f0, conv_2(f6), f1, h6]
+    _expect("conv_cat.weight", cat, (cat[0], cat_in, 1, 1))
+    table["conv_cat"] = [cat_in, cat[0]]
+    up = _shape(sd, "upsampler.0.weight", 4)
+    _expect("upsampler.0.weight", up, (up[0], cat[0], 3, 3))
+    scale = math.isqrt(up[0] // 3) if up[0] % 3 == 0 else 0
+    if scale < 1 or 3 * scale * scale != up[0]:
+        raise Misfit(f"upsampler.0.weight has {up[0]} output channels: not 3 x scale^2 (RGB pixel shuffle)")
+    uniform = uniform_widths(c, deploy_only) == table
+    return _config(c, deploy_only, "no_norm" not in sd, None if uniform else table), scale
+
+
+_SIGNATURE = ("conv_1.eval_conv.weight", "block_1.c1_r.eval_conv.weight", "conv_cat.weight", "upsampler.0.weight")
 
 
 def _detect(sd: StateDict) -> tuple[str, int] | None:
-    up = sd.get("upsampler.0.weight")
-    ev = sd.get("conv_1.eval_conv.weight")
-    if up is None or ev is None or up.ndim != 4 or ev.ndim != 4:
-        return None
-    if "block_1.c1_r.eval_conv.weight" not in sd or "conv_cat.weight" not in sd:
-        return None
-    deploy_only = "conv_1.sk.weight" not in sd
-    channels = int(ev.shape[0])
-    if tuple(ev.shape[1:]) != (3, 3, 3):
-        return None
-    out = int(up.shape[0])
-    if out % 3:
-        return None
-    scale = round((out // 3) ** 0.5)
-    if scale * scale * 3 != out:
-        return None
-    for v in VARIANTS:
-        if v.config["feature_channels"] == channels and v.config["deploy_only"] == deploy_only:
-            return (v.name, scale) if scale in v.scales else None
-    return None
+    return SPEC.detect(sd)
 
 
 def _after_load(model: nn.Module) -> None:
@@ -236,12 +355,13 @@ SPEC = register(
         variants=VARIANTS,
         default_variant="ch48",
         build_fn=_build,
-        detect=_detect,
+        read_config=_read_config,
+        custom_label=_custom_label,
         input_range=1.0,
         size_rule=SizeRule(min_size=1),
         dynamic_shapes=True,
         after_load=_after_load,
-        signature_keys=("conv_1.eval_conv.weight", "block_1.c1_r.eval_conv.weight", "upsampler.0.weight"),
+        signature_keys=_SIGNATURE,
         deploy_checkpoint=_deploy_checkpoint,
         # Pure 3x3 convs: conv_1 + 6 SPABs x 3 (c1_r..c3_r) + conv_2 + upsampler = 21 on the
         # longest path, 1 px each (1x1 conv_cat and the attention are pointwise); measured 21.

@@ -40,6 +40,7 @@ constant depthwise bank (``edgesr.reparam.safe_ops.dynamic_conv_form("constant")
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import torch
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reparam.rules import register_fold, register_rewrite
-from .registry import ModelSpec, SizeRule, StateDict, Variant, register
+from .registry import Misfit, ModelSpec, SizeRule, StateDict, Variant, register
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 
@@ -537,18 +538,33 @@ def _build(config: Mapping[str, Any], scale: int) -> nn.Module:
     return SRConvNet(scale=scale, **config)
 
 
-def _detect(sd: StateDict) -> tuple[str, int] | None:
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _read_config(sd: StateDict) -> tuple[dict[str, Any], int] | None:
     fu = sd.get("blocks.0.attention.a.conv_layer.weight")
     agg = sd.get("blocks.0.ffn.conv1.conv.aggregation.weight")
     feat = sd.get("to_feat.weight")
     up0 = sd.get("upsampling.0.weight")
-    if not all(isinstance(t, torch.Tensor) for t in (fu, agg, feat, up0)):
+    ls = sd.get("blocks.0.attention.layer_scale")
+    if not all(isinstance(t, torch.Tensor) for t in (fu, agg, feat, up0, ls)):
         return None
-    if feat.dim() != 4 or up0.dim() != 4 or agg.dim() != 5 or fu.dim() != 4:
-        return None
-    dim = int(feat.shape[0])
-    if dim <= 0 or int(fu.shape[0]) != 2 * dim or int(agg.shape[1]) != dim:
-        return None
+    if feat.dim() != 4 or up0.dim() != 4 or agg.dim() != 5 or fu.dim() != 4 or ls.dim() != 1:
+        raise Misfit("to_feat/upsampling/aggregation/layer_scale tensors have the wrong number of dims")
+    dim, colors = int(feat.shape[0]), int(feat.shape[1])
+    if colors != 3:
+        raise Misfit(f"to_feat.weight takes {colors} channels; edgesr models take RGB (3)")
+    if tuple(fu.shape) != (2 * dim, 2 * dim, 1, 1):
+        raise Misfit(f"blocks.0.attention.a.conv_layer.weight has shape {tuple(fu.shape)}, expected {(2 * dim, 2 * dim, 1, 1)}")
+    num_kernels, num_heads = int(agg.shape[0]), int(ls.shape[0])
+    if tuple(agg.shape) != (num_kernels, dim, 1, 5, 5):
+        raise Misfit(f"blocks.0.ffn.conv1.conv.aggregation.weight has shape {tuple(agg.shape)}, "
+                     f"expected ({num_kernels}, {dim}, 1, 5, 5)")
+    if num_heads < 1 or dim % num_heads:
+        raise Misfit(f"blocks.0.attention.layer_scale gives {num_heads} heads, which do not divide dim {dim}")
+    idx = {int(m.group(1)) for k in sd if isinstance(k, str) and (m := _BLOCK_RE.match(k))}
+    if idx != set(range(len(idx))):
+        raise Misfit("blocks.N indices are not 0..N-1 without gaps")
     out = int(up0.shape[0])
     if "upsampling.3.weight" in sd:
         scale = 4 if out == 4 * dim else None
@@ -556,10 +572,17 @@ def _detect(sd: StateDict) -> tuple[str, int] | None:
         s = math.isqrt(out // dim) if out % dim == 0 else 0
         scale = s if s * s * dim == out and s in (2, 3) else None
     if scale is None:
-        return None
-    # Only the config.yml model exists; a checkpoint with other widths/depths is still
-    # reported as SRConvNet so the strict loader can say which tensors do not fit.
-    return "base", scale
+        raise Misfit(f"upsampling.0.weight has shape {tuple(up0.shape)}: no x2/x3/x4 upsampler of dim {dim}")
+    config = {**BASE, "dim": dim, "num_blocks": len(idx), "num_heads": num_heads, "num_kernels": num_kernels}
+    return config, scale
+
+
+def _custom_label(config: Mapping[str, Any]) -> str:
+    return f"dim{config['dim']}-b{config['num_blocks']}-h{config['num_heads']}-k{config['num_kernels']}"
+
+
+def _detect(sd: StateDict) -> tuple[str, int] | None:
+    return SPEC.detect(sd)
 
 
 SPEC = register(
@@ -577,7 +600,8 @@ SPEC = register(
         ),
         default_variant="base",
         build_fn=_build,
-        detect=_detect,
+        read_config=_read_config,
+        custom_label=_custom_label,
         input_range=255.0,
         size_rule=SizeRule(min_size=1, multiple_of=1),
         dynamic_shapes=False,  # DFT bases are baked per input size
