@@ -1,0 +1,267 @@
+"""Reading and writing the photos ``edgesr upscale`` works on -- numpy + Pillow (+ pypng).
+
+Self-contained like :mod:`edgesr.runtime.tiling` (no other edgesr import is required):
+the device bundle embeds this source so ``run.py upscale`` reads and writes images the
+same way on a board that has only numpy, Pillow and a runtime.  ``pypng`` (pure Python)
+is optional there; without it 16-bit PNGs are read at 8 bits.
+
+What is kept from the input:
+
+- **Modes.** RGB and RGBA as they are; greyscale (1, L, LA, 16-bit I;16/I) is upscaled as
+  RGB with equal channels and written back as greyscale (ITU-R 601 luma of the result);
+  palette images (P, PA) are expanded to RGB, or RGBA when they carry transparency, and
+  written as such (re-quantising to a palette would undo the upscale); CMYK/YCbCr/LAB are
+  converted to RGB (their ICC profile, which describes the old space, is dropped).
+- **Alpha** is upscaled separately with bicubic resampling (chaiNNer's approach: the
+  networks are trained on RGB only), clipped to [0, 1].
+- **16-bit PNGs** (grey or RGB, with or without alpha) are read at full precision through
+  pypng (Pillow has no 16-bit RGB mode) and written as 16-bit PNGs; ``jpg``/``webp``
+  outputs are 8-bit by definition.
+- **EXIF orientation** is applied to the pixels (so the output needs no orientation tag);
+  the **ICC profile** is copied into the output.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+try:  # inside edgesr: a user error (one line, exit 2); embedded in the device script: plain
+    from .errors import EdgeSRError as _ErrorBase
+except ImportError:
+    _ErrorBase = Exception
+
+try:
+    import png as _pypng
+except ImportError:  # the device bundle may run without it: 16-bit PNGs then read at 8 bits
+    _pypng = None
+
+FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm", ".tga")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, what Pillow's convert("L") uses
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageReadError(_ErrorBase):
+    """A file that is not a readable image (one line: the path and the reason)."""
+
+
+@dataclass
+class Picture:
+    """A decoded image: ``rgb`` (H, W, 3) float32 in [0, 1] plus what to write back."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None  # (H, W) float32 in [0, 1], or None
+    grey: bool  # write the result as greyscale
+    bits: int  # 8 or 16 (per channel)
+    icc: bytes | None
+    mode: str  # the file's own mode, for messages
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[0], self.rgb.shape[1]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_picture(path: str | os.PathLike) -> Picture:
+    """Decode ``path`` fully (truncated files fail here, not half-way through an upscale)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"cannot read {path}: empty file")
+        with Image.open(path) as im:
+            im.load()
+            orientation = _orientation(im)
+            icc = im.info.get("icc_profile") or None
+            if _is_16bit_png(im) and _pypng is not None:
+                pic = _read_png16(path, icc)
+            else:
+                pic = _from_pil(im, icc)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"cannot read {path}: not an image file Pillow can decode") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ImageReadError(f"cannot read {path}: {reason}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"cannot read {path}: {e}") from None
+    return _oriented(pic, orientation)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block must not make the pixels unreadable
+        return 1
+
+
+def _is_16bit_png(im: Image.Image) -> bool:
+    # Pillow decodes 16-bit RGB(A) PNGs to 8 bits and says so nowhere but in the mode of
+    # greyscale ones; the IHDR bit depth is the reliable source.
+    if im.format != "PNG":
+        return False
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return True
+    fp = getattr(im, "filename", None)
+    if not fp:
+        return False
+    with open(fp, "rb") as f:
+        head = f.read(26)
+    return len(head) >= 25 and head[12:16] == b"IHDR" and head[24] == 16
+
+
+def _read_png16(path: Path, icc: bytes | None) -> Picture:
+    width, height, rows, info = _pypng.Reader(filename=str(path)).asDirect()
+    planes = int(info["planes"])
+    data = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, planes)
+    maxval = float(2 ** int(info["bitdepth"]) - 1)
+    values = data.astype(np.float32) / maxval
+    grey = planes in (1, 2)
+    colour = np.repeat(values[..., :1], 3, axis=2) if grey else values[..., :3]
+    alpha = values[..., -1] if planes in (2, 4) else None
+    return Picture(np.ascontiguousarray(colour), alpha, grey, 16, icc, f"PNG {int(info['bitdepth'])}-bit")
+
+
+def _from_pil(im: Image.Image, icc: bytes | None) -> Picture:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey16 = np.clip(np.asarray(im).astype(np.float32) / 65535.0, 0.0, 1.0)
+        return Picture(np.repeat(grey16[..., None], 3, axis=2), None, True, 16, icc, mode)
+    if mode == "F":
+        raise ImageReadError(f"cannot read {getattr(im, 'filename', 'image')}: 32-bit float images are not supported")
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im, icc = im.convert("RGB"), None
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in mode else "RGB")
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    if im.mode in ("L", "LA"):
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        rgb = np.repeat(arr[..., :1], 3, axis=2)
+        alpha = arr[..., 1] if im.mode == "LA" else None
+        return Picture(rgb, alpha, True, 8, icc, mode)
+    alpha = arr[..., 3] if im.mode == "RGBA" else None
+    return Picture(np.ascontiguousarray(arr[..., :3]), alpha, False, 8, icc, mode)
+
+
+def _oriented(pic: Picture, orientation: int) -> Picture:
+    """Apply an EXIF orientation (1-8) to the pixels, as ``ImageOps.exif_transpose`` does."""
+    def fix(a):
+        if a is None or orientation in (0, 1) or orientation > 8:
+            return a
+        if orientation == 2:
+            a = a[:, ::-1]
+        elif orientation == 3:
+            a = a[::-1, ::-1]
+        elif orientation == 4:
+            a = a[::-1]
+        elif orientation == 5:
+            a = a.swapaxes(0, 1)
+        elif orientation == 6:
+            a = np.rot90(a, -1)
+        elif orientation == 7:
+            a = a[::-1, ::-1].swapaxes(0, 1)
+        elif orientation == 8:
+            a = np.rot90(a, 1)
+        return np.ascontiguousarray(a)
+
+    pic.rgb, pic.alpha = fix(pic.rgb), fix(pic.alpha)
+    return pic
+
+
+# --------------------------------------------------------------------------- converting
+
+
+def output_bits(pic: Picture, fmt: str) -> int:
+    """16 only where the file format can hold it (PNG) and the input had it."""
+    return 16 if pic.bits == 16 and fmt == "png" and _pypng is not None else 8
+
+
+def new_output(height: int, width: int, pic: Picture, bits: int) -> np.ndarray:
+    """The integer buffer the upscaled colour is assembled into, band by band."""
+    channels = (1 if pic.grey else 3) + (1 if pic.alpha is not None else 0)
+    return np.empty((height, width, channels), dtype=np.uint16 if bits == 16 else np.uint8)
+
+
+def store_rows(out: np.ndarray, top: int, rows: np.ndarray, grey: bool) -> None:
+    """Quantise float rows (unclamped) into ``out[top:...]``'s colour channels."""
+    maxval = 65535.0 if out.dtype == np.uint16 else 255.0
+    if grey:
+        rows = (rows @ _LUMA)[..., None]
+    q = np.clip(rows, 0.0, 1.0) * maxval
+    out[top : top + rows.shape[0], :, : q.shape[2]] = np.rint(q).astype(out.dtype)
+
+
+def store_alpha(out: np.ndarray, alpha: np.ndarray) -> None:
+    """Bicubic-upscale ``alpha`` to ``out``'s size into its last channel."""
+    h, w = out.shape[:2]
+    big = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.float32), mode="F").resize((w, h), Image.BICUBIC)
+    maxval = 65535.0 if out.dtype == np.uint16 else 255.0
+    out[..., -1] = np.rint(np.clip(np.asarray(big), 0.0, 1.0) * maxval).astype(out.dtype)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_picture(path: str | os.PathLike, pixels: np.ndarray, fmt: str, icc: bytes | None = None) -> None:
+    """Write ``pixels`` (H, W, C) uint8/uint16, C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA.
+
+    ``path`` may be a temp name (the format comes from ``fmt``, not the suffix).  JPEG has
+    no alpha channel: it is dropped there.
+    """
+    if pixels.dtype == np.uint16:
+        if fmt != "png":
+            raise ValueError("16-bit output is PNG only")
+        _write_png16(path, pixels, icc)
+        return
+    channels = pixels.shape[2]
+    if fmt == "jpg" and channels in (2, 4):
+        pixels = pixels[..., : channels - 1]
+        channels -= 1
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+    im = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+    if fmt == "webp" and mode in ("L", "LA"):
+        im = im.convert("RGBA" if mode == "LA" else "RGB")  # WebP has no greyscale mode
+    options: dict = {"icc_profile": icc} if icc else {}
+    if fmt == "jpg":
+        options.update(quality=95, subsampling=0)
+    elif fmt == "webp":
+        options.update(quality=95, method=4)
+    elif fmt == "png":
+        options.update(compress_level=1)  # big outputs: speed over the last few % of size
+    im.save(path, format=FORMATS[fmt], **options)
+
+
+def _write_png16(path, pixels: np.ndarray, icc: bytes | None) -> None:
+    h, w, c = pixels.shape
+    writer = _pypng.Writer(width=w, height=h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16, compression=1)
+    buf = io.BytesIO()
+    writer.write(buf, pixels.reshape(h, w * c))
+    chunks = list(_pypng.Reader(bytes=buf.getvalue()).chunks())
+    if icc:  # pypng writes no iCCP: insert it after IHDR (it must precede IDAT)
+        chunks.insert(1, (b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
+    with open(path, "wb") as f:
+        _pypng.write_chunks(f, chunks)
+
+
+def find_images(paths) -> list[Path]:
+    """Files as given, folders searched recursively for image suffixes; sorted per folder."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found
