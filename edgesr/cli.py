@@ -176,8 +176,10 @@ def parity_cmd(
 def _register_plugins() -> None:
     # Commands that live beside their subsystem register themselves here.
     from .bench.commands import register as register_bench
+    from .quality.commands import register as register_quality
 
     register_bench(app)
+    register_quality(app)
 
 
 _register_plugins()

@@ -1,0 +1,116 @@
+"""CLI command of the quality subsystem: ``edgesr eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import EdgeSRError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _progress_bar(total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=False)
+    task = bar.add_task(escape(description), total=total)
+    return bar, lambda: bar.advance(task)
+
+
+def _check_outputs(inputs: list[Path], json_out: Optional[Path], md_out: Optional[Path],
+                   images_out: Optional[Path]) -> None:
+    from .. import io
+
+    check = getattr(io, "check_output_path", None)  # the output boundary of edgesr.io, when present
+    for path, is_dir in ((json_out, False), (md_out, False), (images_out, True)):
+        if path is not None and check is not None:
+            check(path, *inputs, directory=is_dir)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        artifact: Optional[Path] = typer.Argument(None, help="An .onnx or .tflite artifact written by edgesr export."),
+        weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="A trained checkpoint (train form)."),
+        dataset: Path = typer.Option(..., "--dataset", "-d",
+                                     help="HR/ [+ LR_bicubic/X{s}/] (SR), or low/ + high/ (restoration, x1)."),
+        scale: Optional[int] = typer.Option(None, "--scale", help="Must agree with the model (checked)."),
+        runtime: Optional[str] = typer.Option(None, "--runtime",
+                                              help="torch (with --weights), onnxruntime or litert (artifact)."),
+        arch: Optional[str] = typer.Option(None, "--arch", help="aarch64: run the artifact under qemu."),
+        threads: Optional[int] = typer.Option(None, "--threads"),
+        images: Optional[str] = typer.Option(None, "--images", help="Comma list of image names (a subset)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-image scores as JSON."),
+        md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write them as a Markdown table."),
+        images_out: Optional[Path] = typer.Option(None, "--save-images", help="Folder for the 8-bit outputs."),
+    ) -> None:
+        """Score a model on an SR benchmark folder: Y-PSNR/SSIM as in the papers' tables."""
+        from ..io import atomic_write_text
+        from .engine import artifact_form, load_samples, score, torch_form
+
+        if (artifact is None) == (weights is None):
+            raise EdgeSRError("give an ARTIFACT or --weights CHECKPOINT (one of them)")
+        inputs = [p for p in (artifact, weights, dataset) if p is not None]
+        _check_outputs(inputs, json_out, md_out, images_out)
+        if weights is not None:
+            if runtime not in (None, "torch") or arch is not None:
+                raise EdgeSRError("--weights runs the PyTorch train form; export an artifact for "
+                                  f"--runtime {runtime or ''} --arch {arch or ''}".rstrip())
+            form = torch_form(weights, threads=threads)
+        else:
+            form = artifact_form(artifact, arch=arch, threads=threads)
+            _check_runtime(runtime, form.form)
+        subset = [s.strip() for s in images.split(",") if s.strip()] if images else None
+        ds, samples = load_samples(dataset, form, scale, subset)  # every bad input fails here, before any run
+        bar, step = _progress_bar(len(samples), f"{form.model} {form.variant} x{form.scale} ({form.form})")
+        outputs: dict = {}
+        with bar:
+            report = score(form, ds, samples, progress=step, outputs=outputs)
+        _print_table(report)
+        if json_out:
+            atomic_write_text(json_out, report.to_json())
+        if md_out:
+            atomic_write_text(md_out, report.to_markdown())
+        if images_out:
+            _save_images(images_out, outputs, report)
+        for what, path in (("json", json_out), ("markdown", md_out), ("images", images_out)):
+            if path:
+                err.print(f"[dim]{what}: {escape(str(path))}[/]")
+
+
+def _check_runtime(runtime: Optional[str], fmt: str) -> None:
+    expected = {"onnx": "onnxruntime", "tflite": "litert"}[fmt]
+    if runtime not in (None, expected):
+        raise EdgeSRError(f"a {fmt} artifact runs on --runtime {expected}, not {runtime}")
+
+
+def _print_table(report) -> None:
+    from rich.table import Table
+
+    p, s = report.keys
+    table = Table(title=escape(f"{report.model} {report.variant} x{report.scale} on {report.dataset} "
+                               f"— {report.form}, {report.runtime}, {report.mode}"))
+    table.add_column("image")
+    table.add_column(f"{p} (dB)", justify="right")
+    table.add_column(s, justify="right")
+    for im in report.images:
+        table.add_row(escape(im["name"]), f"{im[p]:.4f}", f"{im[s]:.4f}")
+    table.add_row("mean", f"{report.mean[p]:.4f}", f"{report.mean[s]:.4f}", style="bold")
+    out.print(table)
+
+
+def _save_images(folder: Path, outputs: dict, report) -> None:
+    from PIL import Image
+
+    from ..io import atomic_path
+
+    for name, image in outputs.items():
+        with atomic_path(folder / f"{name}_{report.model}_{report.variant}_x{report.scale}.png") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
