@@ -77,6 +77,7 @@ def export_cmd(
     variant: Optional[str] = typer.Option(None, "--variant", help="Variant (default: the model's default)."),
     scale: Optional[int] = typer.Option(None, "--scale", help="Upscaling factor."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Checkpoint (.pth/.pt/.safetensors); architecture is detected."),
+    state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper to read: params or params_ema (default: what the official inference script reads)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="HxW of the exported input (default 256x256)."),
     dynamic: bool = typer.Option(False, "--dynamic", help="ONNX only: symbolic H/W (multiples of the size rule)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default edgesr-out/...)."),
@@ -93,7 +94,7 @@ def export_cmd(
     if model is not None:  # validate flags before loading anything (the checkpoint is checked on load)
         plan_export(get_spec(model), fmt.value, size, dynamic, output, variant, scale)
     t = time.perf_counter()
-    loaded = obtain_model(model, variant, scale, weights)
+    loaded = obtain_model(model, variant, scale, weights, state_key=state_key)
     _stage_printer()("load", time.perf_counter() - t)
     if loaded.random_init:
         err.print(f"[yellow]warning:[/] no --weights given: exporting {loaded.spec.name} {loaded.variant} "
@@ -123,6 +124,7 @@ def _print_parity_summary(report: dict) -> None:
 @app.command("reparam")
 def reparam_cmd(
     weights: Path = typer.Option(..., "--weights", "-w", help="Train-form checkpoint."),
+    state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper to read: params or params_ema (default: what the official inference script reads)."),
     output: Path = typer.Option(..., "--output", "-o", help="Deploy-form checkpoint (.safetensors or .pth)."),
     model: Optional[str] = typer.Option(None, "--model", "-m"),
     variant: Optional[str] = typer.Option(None, "--variant"),
@@ -134,7 +136,7 @@ def reparam_cmd(
 
     if output.suffix not in (".safetensors", ".pth", ".pt"):
         raise EdgeSRError(f"output {output} should end in .safetensors, .pth or .pt")
-    loaded = obtain_model(model, variant, scale, weights)
+    loaded = obtain_model(model, variant, scale, weights, state_key=state_key)
     sd, report, reloadable = deploy_checkpoint(loaded)
     save_state_dict(sd, output)
     if not reloadable:
@@ -150,6 +152,7 @@ def reparam_cmd(
 def parity_cmd(
     artifact: Path = typer.Argument(..., help="An .onnx or .tflite file written by `edgesr export`."),
     weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="The checkpoint it was exported from."),
+    state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper to read: params or params_ema (default: what the official inference script reads)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Directory of real images (default: shipped photos)."),
     sizes: Optional[List[str]] = typer.Option(None, "--sizes", help="HxW sizes (dynamic ONNX only; default: the artifact's size)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the parity report as JSON."),
@@ -160,7 +163,8 @@ def parity_cmd(
     """Compare an artifact against the train-form PyTorch model (rebuilt from its metadata)."""
     from .runtime.check import check_artifact
 
-    report = check_artifact(artifact, weights=weights, images=images, sizes=sizes, arch=arch, threads=threads)
+    report = check_artifact(artifact, weights=weights, images=images, sizes=sizes, arch=arch, threads=threads,
+                            state_key=state_key)
     from .io import atomic_write_text
 
     if json_out:

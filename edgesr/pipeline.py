@@ -61,10 +61,15 @@ def obtain_model(
     scale: int | None = None,
     weights: str | os.PathLike | None = None,
     seed: int = 0,
+    state_key: str | None = None,
 ) -> LoadedModel:
-    """A train-form model from a checkpoint (detected; flags must agree) or seeded random init."""
+    """A train-form model from a checkpoint (detected; flags must agree) or seeded random init.
+
+    ``state_key`` (``params``/``params_ema``) overrides the checkpoint wrapper choice.
+    """
     if weights is not None:
-        model, report = load_model(weights, name=name, variant=variant, scale=scale, return_report=True)
+        model, report = load_model(weights, name=name, variant=variant, scale=scale, return_report=True,
+                                   state_key=state_key)
         info = model.edgesr_info
         return LoadedModel(model, get_spec(info["model"]), info["variant"], info["scale"], report.summary(), False)
     if name is None:
@@ -261,9 +266,13 @@ def plan_export(
     if output:
         out = Path(output)
     else:
-        v = spec.variant(variant)
         shape = "dyn" if dynamic else f"{size[0]}x{size[1]}"
-        out = Path("edgesr-out") / f"{spec.name}_{v.name}_x{spec.resolve_scale(v, scale)}_{shape}{FORMATS[fmt]}"
+        if variant is not None and variant.startswith("custom-"):  # a config read from a checkpoint
+            label, s = variant, scale
+        else:
+            v = spec.variant(variant)
+            label, s = v.name, spec.resolve_scale(v, scale)
+        out = Path("edgesr-out") / f"{spec.name}_{label}_x{s}_{shape}{FORMATS[fmt]}"
     if out.suffix != FORMATS[fmt]:
         raise EdgeSRError(f"output {out} should end in {FORMATS[fmt]} for --format {fmt}")
     ensure_writable_dir(out.parent)
@@ -305,6 +314,8 @@ def export_model(
         "model": spec.name,
         "variant": loaded.variant,
         "scale": str(loaded.scale),
+        # the full config (custom configs read from a checkpoint are rebuilt from it)
+        "config": json.dumps(getattr(loaded.model, "edgesr_info", {}).get("config"), sort_keys=True),
         "layout": "NCHW" if fmt == "onnx" else "NHWC",
         "input_range": "[0,1]",
         "native_range": f"[0,{spec.input_range:g}]",

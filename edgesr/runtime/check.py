@@ -6,6 +6,7 @@ either the checkpoint the user passes or the seed recorded for a random-init exp
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -26,17 +27,29 @@ def cross_arch_passes(m) -> bool:
     return m.finite and m.max_abs <= CROSS_ARCH_MAX_ABS * max(1.0, m.ref_peak)
 
 
-def _reference_model(meta: dict, weights: str | os.PathLike | None):
+def _reference_model(meta: dict, weights: str | os.PathLike | None, state_key: str | None = None):
     from ..pipeline import obtain_model
 
     name, variant, scale = meta["model"], meta["variant"], int(meta["scale"])
     if weights is not None:
-        return obtain_model(name, variant, scale, weights)
+        loaded = obtain_model(name, variant, scale, weights, state_key=state_key)
+        _check_config(meta, loaded.model)
+        return loaded
     if meta.get("seed", "") == "":
         raise EdgeSRError(
             f"this artifact was exported from a checkpoint ({meta.get('weights', '?')}); pass it with --weights"
         )
     return obtain_model(name, variant, scale, None, seed=int(meta["seed"]))
+
+
+def _check_config(meta: dict, model) -> None:
+    """The checkpoint must rebuild the artifact's exact config (a custom label alone could hide a difference)."""
+    recorded = json.loads(meta.get("config") or "null")
+    built = model.edgesr_info.get("config")
+    if recorded is not None and recorded != built:
+        diff = next(k for k in sorted(set(recorded) | set(built)) if recorded.get(k) != built.get(k))
+        raise EdgeSRError(f"the checkpoint's {meta['model']} config differs from the artifact's: "
+                          f"{diff} = {built.get(diff)!r}, artifact has {recorded.get(diff)!r}")
 
 
 def _sizes(meta: dict, requested: Sequence[str] | None, spec) -> list[tuple[int, int]]:
@@ -65,6 +78,7 @@ def check_artifact(
     sizes: Sequence[str] | None = None,
     arch: str = "x86_64",
     threads: int | None = None,
+    state_key: str | None = None,
 ):
     from ..export.metadata import read_metadata
     from ..pipeline import VerifySettings, captured_output, load_images, parity_inputs, runtime_versions
@@ -80,7 +94,7 @@ def check_artifact(
     if "model" not in meta:
         raise EdgeSRError(f"{path.name} has no edgesr metadata; was it written by `edgesr export`?")
     spec = get_spec(meta["model"])
-    loaded = _reference_model(meta, weights)
+    loaded = _reference_model(meta, weights, state_key)
     settings = VerifySettings(
         sizes=_sizes(meta, sizes, spec),
         images=load_images(images) if images else (),
