@@ -180,9 +180,11 @@ def parity_cmd(
 def _register_plugins() -> None:
     # Commands that live beside their subsystem register themselves here.
     from .bench.commands import register as register_bench
+    from .upscale import register as register_upscale
     from .quality.commands import register as register_quality
 
     register_bench(app)
+    register_upscale(app)
     register_quality(app)
 
 

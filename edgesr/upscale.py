@@ -1,0 +1,340 @@
+"""``edgesr upscale``: apply an artifact (or a checkpoint) to photos of any size.
+
+The algorithm lives in two self-contained modules the device bundle embeds as well:
+:mod:`edgesr.runtime.tiling` (padding, tiles, blending) and :mod:`edgesr.imageio`
+(modes, 16 bits, alpha, EXIF, ICC).  This module only decides *how* to run -- which
+runner, which tile, which overlap -- and walks the inputs: bad files are listed, good
+ones written, and the exit code is 2 when anything failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+import numpy as np
+
+from . import imageio
+from .errors import EdgeSRError, SizeRuleError
+from .runtime.tiling import default_overlap, iter_upscaled_rows, rule_values
+
+#: Dynamic runners (torch, dynamic ONNX) take the whole image up to this many input pixels:
+#: about 1 GB of live feature maps at the pipeline's ~1 KB per input pixel estimate.
+WHOLE_IMAGE_MAX_PIXELS = 1 << 20
+#: Tile side for dynamic runners above that budget (rounded up to the size rule).
+DYNAMIC_TILE = 512
+RUNTIMES = ("onnxruntime", "litert", "torch")
+
+
+@dataclass
+class Upscaler:
+    """A runner plus everything tiling needs to know about it."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    runtime: str
+    scale: int
+    min_size: int
+    multiple_of: int
+    receptive_field: int | None
+    fixed_tile: tuple[int, int] | None  # the artifact's static input size
+    label: str  # names outputs: <stem>_<label>_x<scale>
+    tile: tuple[int, int] | None = None  # --tile (dynamic runners only)
+    overlap: int | None = None  # --overlap
+
+    def plan(self, height: int, width: int) -> tuple[tuple[int, int] | None, int]:
+        """``(tile or None for whole-image, overlap)`` for an input of this size."""
+        tile = self.fixed_tile or self.tile
+        if tile is None and height * width > WHOLE_IMAGE_MAX_PIXELS:
+            side = -(-max(DYNAMIC_TILE, self.min_size) // self.multiple_of) * self.multiple_of
+            tile = (side, side)
+        if tile is None:
+            return None, 0
+        overlap = self.overlap if self.overlap is not None else default_overlap(self.receptive_field, tile)
+        return tile, min(overlap, min(tile) // 2)
+
+
+def parse_tile(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    from .pipeline import parse_size
+
+    return parse_size(text)
+
+
+def _check_tile(tile: tuple[int, int], min_size: int, multiple_of: int) -> None:
+    for side in tile:
+        if side < min_size or side % multiple_of:
+            rule = f">= {min_size}" + (f" and multiples of {multiple_of}" if multiple_of > 1 else "")
+            raise SizeRuleError(f"--tile {tile[0]}x{tile[1]} breaks the model's size rule (sides {rule})")
+
+
+def _receptive_field(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None  # "unbounded" or absent (artifacts exported before the key existed)
+
+
+def open_upscaler(artifact: Path | None = None, weights: Path | None = None, runtime: str | None = None,
+                  threads: int | None = None, tile: tuple[int, int] | None = None,
+                  overlap: int | None = None) -> Upscaler:
+    """The runner for ``artifact`` (onnxruntime/LiteRT) or ``weights`` (PyTorch train form)."""
+    if runtime is not None and runtime not in RUNTIMES:
+        raise EdgeSRError(f"unknown --runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+    if overlap is not None and overlap < 0:
+        raise EdgeSRError(f"--overlap must be >= 0, got {overlap}")
+    if weights is not None:
+        up = _torch_upscaler(weights, runtime, threads)
+    elif artifact is not None:
+        up = _artifact_upscaler(artifact, runtime, threads)
+    else:
+        raise EdgeSRError("give an ARTIFACT or --weights CHECKPOINT")
+    if tile is not None:
+        if up.fixed_tile is not None and tuple(tile) != tuple(up.fixed_tile):
+            raise SizeRuleError(f"the artifact has a fixed input size {up.fixed_tile[0]}x{up.fixed_tile[1]}: "
+                                f"--tile must be that size or omitted (got {tile[0]}x{tile[1]})")
+        _check_tile(tile, up.min_size, up.multiple_of)
+        up.tile = tuple(tile)
+    up.overlap = overlap
+    return up
+
+
+def _torch_upscaler(weights: Path, runtime: str | None, threads: int | None) -> Upscaler:
+    if runtime not in (None, "torch"):
+        raise EdgeSRError(f"--weights runs PyTorch; --runtime {runtime} needs an exported artifact "
+                          "(`edgesr export --weights ...` first)")
+    from .pipeline import obtain_model
+    from .runtime.runners import TorchRunner
+
+    loaded = obtain_model(None, weights=weights)
+    spec = loaded.spec
+    return Upscaler(TorchRunner(loaded.model, threads=threads).run, "torch", loaded.scale,
+                    spec.size_rule.min_size, spec.size_rule.multiple_of, spec.receptive_field, None,
+                    f"{spec.name}-{loaded.variant}")
+
+
+def _artifact_upscaler(artifact: Path, runtime: str | None, threads: int | None) -> Upscaler:
+    from .export.metadata import artifact_format
+    from .runtime.runners import open_runner
+
+    if not Path(artifact).is_file():
+        raise EdgeSRError(f"artifact not found: {artifact}")
+    fmt = artifact_format(artifact)
+    native = {"onnx": "onnxruntime", "tflite": "litert"}[fmt]
+    if runtime not in (None, native):
+        hint = " (torch: pass --weights CHECKPOINT instead of the artifact)" if runtime == "torch" else ""
+        raise EdgeSRError(f"{Path(artifact).name} is {fmt}: it runs on {native}, not {runtime}{hint}")
+    runner = open_runner(artifact, threads=threads)
+    meta = runner.meta
+    try:
+        scale = int(meta["scale"])
+    except (KeyError, ValueError):
+        raise EdgeSRError(f"{Path(artifact).name} has no scale in its metadata (not written by `edgesr export`?)") from None
+    min_size, multiple_of = rule_values({k: meta.get(k) for k in ("min_size", "multiple_of")})
+    fixed = tuple(int(v) for v in runner.fixed_size) if runner.fixed_size is not None else None
+    label = "-".join(meta[k] for k in ("model", "variant") if meta.get(k)) or Path(artifact).stem
+    return Upscaler(runner.run, native, scale, min_size, multiple_of, _receptive_field(meta.get("receptive_field")),
+                    fixed, label)
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def upscale_picture(up: Upscaler, pic: imageio.Picture, fmt: str,
+                    on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The upscaled picture as an integer (H, W, C) buffer ready for :func:`imageio.write_picture`.
+
+    Rows are quantised band by band as the tiler finishes them, so the float32 result of
+    a large photo is never held at once.
+    """
+    h, w = pic.size
+    tile, overlap = up.plan(h, w)
+    out = imageio.new_output(up.scale * h, up.scale * w, pic, imageio.output_bits(pic, fmt))
+    rule = {"min_size": up.min_size, "multiple_of": up.multiple_of}
+    for top, rows in iter_upscaled_rows(up.run, pic.rgb, up.scale, tile=tile, overlap=overlap, size_rule=rule,
+                                        progress=on_tile):
+        imageio.store_rows(out, top, rows, pic.grey)
+    if pic.alpha is not None:
+        imageio.store_alpha(out, pic.alpha)
+    return out
+
+
+# --------------------------------------------------------------------------- many files
+
+
+@dataclass
+class Job:
+    source: Path
+    output: Path
+
+
+@dataclass
+class Summary:
+    written: list[tuple[Job, tuple[int, int], int, float]] = field(default_factory=list)  # job, (h, w), tiles, s
+    skipped: list[Job] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def plan_jobs(inputs: Iterable[Path], output_dir: Path, label: str, scale: int, fmt: str) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """One job per input image; folders keep their sub-folder layout under ``output_dir``.
+
+    Files inside ``output_dir`` are not inputs (a second run must not upscale the first
+    run's results); inputs that would write the same output are failures.
+    """
+    jobs: list[Job] = []
+    failed: list[tuple[Path, str]] = []
+    taken: dict[Path, Path] = {}
+    out_resolved = output_dir.resolve()
+    for given in map(Path, inputs):
+        if given.is_dir():
+            files = [(f, f.relative_to(given).parent) for f in imageio.find_images([given])
+                     if not f.resolve().is_relative_to(out_resolved)]
+        elif given.exists():
+            files = [(given, Path("."))]
+        else:
+            failed.append((given, f"cannot read {given}: no such file or directory"))
+            continue
+        for src, sub in files:
+            out = output_dir / sub / f"{src.stem}_{label}_x{scale}.{fmt}"
+            key = out.resolve()
+            if key in taken:
+                failed.append((src, f"{src}: its output {out} is also {taken[key]}'s output; rename one"))
+                continue
+            taken[key] = src
+            jobs.append(Job(src, out))
+    return jobs, failed
+
+
+def upscale_files(up: Upscaler, jobs: list[Job], fmt: str, overwrite: bool, summary: Summary,
+                  on_image: Callable[[Job], None] | None = None,
+                  on_tile: Callable[[int, int], None] | None = None) -> None:
+    """Upscale every job into ``summary``; user errors of one image do not stop the others."""
+    from .io import atomic_path, refuse_output_overlapping_inputs
+
+    sources = [j.source for j in jobs]
+    for job in jobs:
+        if on_image:
+            on_image(job)
+        if job.output.exists() and not overwrite:
+            summary.skipped.append(job)
+            continue
+        try:
+            if job.output.exists():  # only an existing file can be one of the inputs
+                refuse_output_overlapping_inputs(job.output, *sources)
+            pic = imageio.read_picture(job.source)
+            t = time.perf_counter()
+            tiles = [0]
+
+            def count(done: int, total: int) -> None:
+                tiles[0] = total
+                if on_tile:
+                    on_tile(done, total)
+
+            pixels = upscale_picture(up, pic, fmt, count)
+            seconds = time.perf_counter() - t
+            with atomic_path(job.output) as tmp:
+                imageio.write_picture(tmp, pixels, fmt, pic.icc)
+            summary.written.append((job, pic.size, tiles[0], seconds))
+        except EdgeSRError as e:
+            message = str(e)
+            summary.failed.append((job.source, message if str(job.source) in message else f"{job.source}: {message}"))
+
+
+# --------------------------------------------------------------------------- command
+
+
+def register(app) -> None:
+    import typer
+    from rich.console import Console
+    from rich.markup import escape
+
+    import sys
+
+    # In logs and pipes rich would squeeze the table to 80 columns.
+    out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True, soft_wrap=True)
+
+    @app.command("upscale")
+    def upscale_cmd(
+        paths: List[Path] = typer.Argument(..., help="ARTIFACT INPUT... (or only INPUT... with --weights): "
+                                                      "image files or folders (searched recursively)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Folder for the upscaled images."),
+        weights: Optional[Path] = typer.Option(None, "--weights", "-w",
+                                               help="Run a checkpoint in PyTorch instead of an artifact."),
+        tile: Optional[str] = typer.Option(None, "--tile", help="HxW tiles (dynamic ONNX/torch; default: "
+                                           "whole image up to 1 MP, else 512x512; fixed artifacts: their size)."),
+        overlap: Optional[int] = typer.Option(None, "--overlap", help="Tile overlap in input px (default: twice "
+                                              "the model's receptive-field radius, or 16; at most half a tile)."),
+        threads: Optional[int] = typer.Option(None, "--threads"),
+        runtime: Optional[str] = typer.Option(None, "--runtime", help="onnxruntime | litert | torch "
+                                              "(default: the artifact's own; torch with --weights)."),
+        fmt: str = typer.Option("png", "--format", help="png | jpg | webp (16-bit inputs stay 16-bit in png)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them)."),
+    ) -> None:
+        """Upscale photos of any size with tiling; bad inputs are listed, good ones written (exit 2 if any failed)."""
+        from .io import check_output_path
+
+        if fmt not in imageio.FORMATS:
+            raise EdgeSRError(f"unknown --format {fmt!r} (known: {', '.join(imageio.FORMATS)})")
+        if threads is not None and threads < 1:
+            raise EdgeSRError(f"--threads must be >= 1, got {threads}")
+        artifact, inputs = (None, paths) if weights is not None else (paths[0], paths[1:])
+        if not inputs:
+            raise EdgeSRError("give at least one INPUT image or folder after the artifact")
+        check_output_path(output, *([artifact, weights] + list(inputs)), directory=True)
+        up = open_upscaler(artifact, weights, runtime, threads, parse_tile(tile), overlap)
+        summary = run_with_progress(up, inputs, output, fmt, overwrite, err)
+        print_summary(summary, up, out, err, escape)
+        if summary.failed:
+            raise EdgeSRError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.written) + len(summary.skipped)} "
+                              "input(s) failed (listed above)")
+
+
+def run_with_progress(up: Upscaler, inputs, output: Path, fmt: str, overwrite: bool, console) -> Summary:
+    """Plan the jobs and run them under a rich progress bar over images and tiles."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    jobs, failed = plan_jobs(inputs, output, up.label, up.scale, fmt)
+    summary = Summary(failed=list(failed))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        images = progress.add_task("images", total=len(jobs))
+        tiles = progress.add_task("tiles", total=1)
+        state = {"started": False}
+
+        def on_image(job: Job) -> None:
+            if state["started"]:
+                progress.advance(images)
+            state["started"] = True
+            progress.update(images, description=f"images [dim]{escape(job.source.name)}[/]")
+            progress.reset(tiles, total=1)
+
+        def on_tile(done: int, total: int) -> None:
+            progress.update(tiles, completed=done, total=total)
+
+        upscale_files(up, jobs, fmt, overwrite, summary, on_image, on_tile)
+        if jobs:
+            progress.advance(images)
+    return summary
+
+
+def print_summary(summary: Summary, up: Upscaler, out, err, escape) -> None:
+    from rich.table import Table
+
+    if summary.written:
+        table = Table(title=f"edgesr upscale x{up.scale} ({up.runtime}, {up.label})")
+        for col in ("input", "size", "output", "tiles", "seconds", "out MP/s"):
+            table.add_column(col, justify="left" if col in ("input", "output") else "right")
+        for job, (h, w), tiles, seconds in summary.written:
+            mpix = up.scale * up.scale * h * w / 1e6
+            table.add_row(escape(str(job.source)), f"{w}x{h}", escape(str(job.output)), str(tiles),
+                          f"{seconds:.2f}", f"{mpix / seconds:.2f}" if seconds > 0 else "-")
+        out.print(table)
+    for job in summary.skipped:
+        err.print(f"[yellow]skipped:[/] {escape(str(job.output))} exists (use --overwrite)", highlight=False)
+    for src, message in summary.failed:
+        err.print(f"[red]failed:[/] {escape(message)}", highlight=False)
