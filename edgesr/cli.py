@@ -89,8 +89,11 @@ def export_cmd(
     from .pipeline import export_model, obtain_model, parse_size, plan_export
 
     size = parse_size(input_size) if input_size else None
-    if model is None and weights is None:
-        raise EdgeSRError("give --model NAME (random weights) or --weights CHECKPOINT")
+    sample = model is None and weights is None  # the Quickstart: a real, shipped checkpoint
+    if sample:
+        from .upscale import SAMPLE_WEIGHTS
+
+        weights = SAMPLE_WEIGHTS
     if model is not None:  # validate flags before loading anything (the checkpoint is checked on load)
         plan_export(get_spec(model), fmt.value, size, dynamic, output, variant, scale)
     t = time.perf_counter()
@@ -106,6 +109,10 @@ def export_cmd(
     _print_parity_summary(result.report)
     out.print(f"artifact: {escape(str(result.artifact))}")
     out.print(f"report:   {escape(str(result.report_json))}  ({escape(result.report_md.name)})")
+    if sample and result.passed is not False:  # show a real result: upscale a shipped photograph
+        from .upscale import upscale_sample
+
+        out.print(f"upscaled: {escape(str(upscale_sample(result.artifact)))}")
     if result.passed is False:
         err.print("[red]error:[/] parity FAILED: the artifact does not match PyTorch within the fp32 threshold; "
                   "it is kept for inspection and marked failed in its report and metadata")

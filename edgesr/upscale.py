@@ -338,3 +338,23 @@ def print_summary(summary: Summary, up: Upscaler, out, err, escape) -> None:
         err.print(f"[yellow]skipped:[/] {escape(str(job.output))} exists (use --overwrite)", highlight=False)
     for src, message in summary.failed:
         err.print(f"[red]failed:[/] {escape(message)}", highlight=False)
+
+
+# --------------------------------------------------------------------------- Quickstart sample
+
+_DATA = Path(__file__).parent / "data"
+#: PlainUSR-S x4 (Rep form, MIT; data/weights/ATTRIBUTION.md): what `edgesr export` uses
+#: without --model/--weights, so the first command a user runs gives a useful artifact.
+SAMPLE_WEIGHTS = _DATA / "weights" / "PlainUSRS_Rep_x4.pth"
+SAMPLE_PHOTO = _DATA / "images" / "chelsea.png"
+
+
+def upscale_sample(artifact: Path, photo: Path = SAMPLE_PHOTO) -> Path:
+    """Upscale a shipped photograph with ``artifact`` into the artifact's folder; its path."""
+    up = open_upscaler(Path(artifact))
+    jobs, _ = plan_jobs([photo], Path(artifact).parent, up.label, up.scale, "png")
+    summary = Summary()
+    upscale_files(up, jobs, "png", overwrite=True, summary=summary)
+    if summary.failed:
+        raise EdgeSRError(summary.failed[0][1])
+    return jobs[0].output
