@@ -19,13 +19,8 @@ import numpy as np
 
 from . import imageio
 from .errors import EdgeSRError, SizeRuleError
-from .runtime.tiling import default_overlap, iter_upscaled_rows, rule_values
+from .runtime.tiling import iter_upscaled_rows, plan_tiles, rule_values
 
-#: Dynamic runners (torch, dynamic ONNX) take the whole image up to this many input pixels:
-#: about 1 GB of live feature maps at the pipeline's ~1 KB per input pixel estimate.
-WHOLE_IMAGE_MAX_PIXELS = 1 << 20
-#: Tile side for dynamic runners above that budget (rounded up to the size rule).
-DYNAMIC_TILE = 512
 RUNTIMES = ("onnxruntime", "litert", "torch")
 
 
@@ -46,14 +41,9 @@ class Upscaler:
 
     def plan(self, height: int, width: int) -> tuple[tuple[int, int] | None, int]:
         """``(tile or None for whole-image, overlap)`` for an input of this size."""
-        tile = self.fixed_tile or self.tile
-        if tile is None and height * width > WHOLE_IMAGE_MAX_PIXELS:
-            side = -(-max(DYNAMIC_TILE, self.min_size) // self.multiple_of) * self.multiple_of
-            tile = (side, side)
-        if tile is None:
-            return None, 0
-        overlap = self.overlap if self.overlap is not None else default_overlap(self.receptive_field, tile)
-        return tile, min(overlap, min(tile) // 2)
+        return plan_tiles(height, width, fixed_tile=self.fixed_tile, tile=self.tile, overlap=self.overlap,
+                          receptive_field=self.receptive_field,
+                          size_rule={"min_size": self.min_size, "multiple_of": self.multiple_of})
 
 
 def parse_tile(text: str | None) -> tuple[int, int] | None:
@@ -152,14 +142,9 @@ def upscale_picture(up: Upscaler, pic: imageio.Picture, fmt: str,
     """
     h, w = pic.size
     tile, overlap = up.plan(h, w)
-    out = imageio.new_output(up.scale * h, up.scale * w, pic, imageio.output_bits(pic, fmt))
     rule = {"min_size": up.min_size, "multiple_of": up.multiple_of}
-    for top, rows in iter_upscaled_rows(up.run, pic.rgb, up.scale, tile=tile, overlap=overlap, size_rule=rule,
-                                        progress=on_tile):
-        imageio.store_rows(out, top, rows, pic.grey)
-    if pic.alpha is not None:
-        imageio.store_alpha(out, pic.alpha)
-    return out
+    bands = iter_upscaled_rows(up.run, pic.rgb, up.scale, tile=tile, overlap=overlap, size_rule=rule, progress=on_tile)
+    return imageio.assemble(pic, bands, up.scale, fmt)
 
 
 # --------------------------------------------------------------------------- many files
@@ -198,7 +183,7 @@ def plan_jobs(inputs: Iterable[Path], output_dir: Path, label: str, scale: int, 
             failed.append((given, f"cannot read {given}: no such file or directory"))
             continue
         for src, sub in files:
-            out = output_dir / sub / f"{src.stem}_{label}_x{scale}.{fmt}"
+            out = output_dir / sub / imageio.output_name(src, label, scale, fmt)
             key = out.resolve()
             if key in taken:
                 failed.append((src, f"{src}: its output {out} is also {taken[key]}'s output; rename one"))

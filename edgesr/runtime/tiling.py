@@ -44,6 +44,12 @@ Progress = Callable[[int, int], None]
 
 #: Overlap used when the model's receptive field is unbounded/unknown (input px).
 FALLBACK_OVERLAP = 16
+#: Runners that take any size (torch, dynamic ONNX) get the whole image up to this many
+#: input pixels: about 1 GB of live feature maps at ~1 KB per input pixel (tens of
+#: 64-channel fp32 maps), the estimate edgesr.pipeline uses for its size limit.
+WHOLE_IMAGE_MAX_PIXELS = 1 << 20
+#: Tile side for such runners above that budget (rounded up to the size rule).
+DYNAMIC_TILE = 512
 
 
 def rule_values(size_rule) -> tuple[int, int]:
@@ -68,6 +74,26 @@ def default_overlap(receptive_field: int | None, tile: tuple[int, int] | None = 
     if tile is not None:
         overlap = min(overlap, min(tile) // 2)
     return max(0, overlap)
+
+
+def plan_tiles(height: int, width: int, *, fixed_tile=None, tile=None, overlap: int | None = None,
+               receptive_field: int | None = None, size_rule=None) -> tuple[tuple[int, int] | None, int]:
+    """``(tile or None = whole image, overlap)`` for an input of ``height x width``.
+
+    A fixed-size artifact tiles at its own size; a runner that takes any size uses
+    ``tile`` if given, else the whole image up to :data:`WHOLE_IMAGE_MAX_PIXELS`, else
+    :data:`DYNAMIC_TILE` tiles.  ``overlap=None`` derives it from ``receptive_field``.
+    """
+    chosen = fixed_tile or tile
+    if chosen is None and height * width > WHOLE_IMAGE_MAX_PIXELS:
+        min_size, multiple_of = rule_values(size_rule)
+        side = padded_size(DYNAMIC_TILE, min_size, multiple_of)
+        chosen = (side, side)
+    if chosen is None:
+        return None, 0
+    chosen = (int(chosen[0]), int(chosen[1]))
+    ov = default_overlap(receptive_field, chosen) if overlap is None else int(overlap)
+    return chosen, max(0, min(ov, min(chosen) // 2))
 
 
 def padded_size(size: int, min_size: int, multiple_of: int) -> int:
