@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import EdgeSRError
+from ..io import umask
 from . import device_bench
 from .core import FORMAT_RUNTIME, _deploy_macs_fn, _label, _model_info, artifact_sizes
 from .peak import DEFAULT_GEMM, Gemm, write_gemm_model
 
 SCRIPT_NAME = "edgesr_bench.py"
 _MARK = 'BUNDLE = json.loads(r"""{}""")  # EDGESR-BUNDLE'
+_MODULES_MARK = "EMBEDDED_MODULES: dict = {}  # EDGESR-MODULES"
 _RUNTIME_PACKAGE = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert"}
 
 
@@ -35,7 +37,18 @@ def bundle_script(info: dict) -> str:
     payload = json.dumps(info, indent=1, sort_keys=True)
     if '"""' in payload:
         raise EdgeSRError("artifact metadata contains a triple quote; cannot embed it")
-    return src.replace(_MARK, f'BUNDLE = json.loads(r"""{payload}""")  # EDGESR-BUNDLE', 1)
+    if src.count(_MODULES_MARK) != 1:
+        raise RuntimeError("device_bench.py lost its EDGESR-MODULES marker line")
+    src = src.replace(_MARK, f'BUNDLE = json.loads(r"""{payload}""")  # EDGESR-BUNDLE', 1)
+    return src.replace(_MODULES_MARK, f"EMBEDDED_MODULES: dict = {embedded_sources()!r}  # EDGESR-MODULES", 1)
+
+
+def embedded_sources() -> dict[str, str]:
+    """The device upscale's modules, verbatim: one algorithm, tested here, run there."""
+    from .. import imageio
+    from ..runtime import tiling
+
+    return {"tiling": Path(tiling.__file__).read_text(), "imageio": Path(imageio.__file__).read_text()}
 
 
 def _external_data_files(path: Path) -> list[Path]:
@@ -90,6 +103,7 @@ def write_bundle(artifact: str | os.PathLike, output: str | os.PathLike, force: 
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the bundle gets the user's umask like any folder
     old: Path | None = None
     try:
         shutil.copy2(art, tmp / art.name)
@@ -104,6 +118,9 @@ def write_bundle(artifact: str | os.PathLike, output: str | os.PathLike, force: 
                 "sizes": [list(hw) for hw in hws], "macs": macs, "label": _label(meta) or art.name,
                 "model": meta.get("model"), "variant": meta.get("variant"),
                 "scale": int(meta["scale"]) if str(meta.get("scale", "")).isdigit() else None,
+                # what `upscale` needs to tile: the size rule and the receptive field
+                "min_size": int(meta.get("min_size") or 1), "multiple_of": int(meta.get("multiple_of") or 1),
+                "receptive_field": meta.get("receptive_field"),
             },
             "peak": {"file": peak.name, "gemm": gemm.as_dict()},
             "edgesr_version": _version("edgesr"),
@@ -137,8 +154,9 @@ def _version(pkg: str) -> str | None:
 def requirements(runtime: str) -> str:
     """Exactly the versions this machine used (parity was established with them)."""
     pkg = _RUNTIME_PACKAGE[runtime]
-    lines = ["# edgesr device benchmark: these and nothing else (no torch, no edgesr)"]
-    for name in ("numpy", pkg):
+    lines = ["# edgesr device benchmark and upscale: these and nothing else (no torch, no edgesr);",
+             "# Pillow is for `upscale` only (pypng, if installed, keeps 16-bit RGB PNGs at 16 bits)"]
+    for name in ("numpy", "Pillow", pkg):
         v = _version(name)
         lines.append(f"{name}=={v}" if v else name)
     return "\n".join(lines) + "\n"
@@ -199,6 +217,18 @@ python {SCRIPT_NAME} [--threads 1,4] [--runs 10] [--warmup 2] [--label NAME] [--
   up as a large p90/median gap).
 - MACs for "% of peak" were counted on the build machine for the bundled sizes
   ({', '.join(a['macs']) or 'unknown: no edgesr model metadata'}); other sizes report no GFLOP/s.
+
+## Upscaling photos on the device
+
+```sh
+venv/bin/python {SCRIPT_NAME} upscale photo.jpg [more.png folder/ ...] [--output upscaled] [--format png|jpg|webp] [--overwrite]
+```
+
+The same tiling (tiles of the artifact's input size, overlapping and cross-faded; images of
+any size, padded by reflection where needed) and image handling (greyscale, alpha, palette,
+16-bit PNG, EXIF orientation, ICC profile) as `edgesr upscale`: the script embeds edgesr's
+own modules.  Outputs are `<name>_{'-'.join(str(a[k]) for k in ('model', 'variant') if a.get(k)) or 'model'}_x{a.get('scale')}.<format>`;
+unreadable inputs are listed and the exit code is 2.
 
 ## Back on the build machine
 

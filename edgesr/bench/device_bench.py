@@ -79,6 +79,9 @@ SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)[1].split(".")[0]
 
 # Filled in by `edgesr bundle` (artifact name, layout, sizes, MACs, peak probe).
 BUNDLE = json.loads(r"""{}""")  # EDGESR-BUNDLE
+# Filled in by `edgesr bundle`: the sources of edgesr/runtime/tiling.py and edgesr/imageio.py
+# (self-contained numpy/Pillow modules), so `upscale` runs the tested algorithm itself.
+EMBEDDED_MODULES: dict = {}  # EDGESR-MODULES
 
 MEMORY_METHOD = "process per cell; /proc VmHWM over its life and over the timed runs (reset after load+warm-up)"
 FAMILY_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
@@ -475,9 +478,100 @@ def _format_table(doc) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- device upscale
+#
+# `python3 edgesr_bench.py upscale photo.jpg`: the same tiling, padding, blending and image
+# IO as `edgesr upscale` (the embedded modules above; in the package, edgesr's own).
+
+_PACKAGE_MODULES = {"tiling": "edgesr.runtime.tiling", "imageio": "edgesr.imageio"}
+
+
+def embedded_module(name):
+    """The module ``edgesr bundle`` embedded under ``name``, else edgesr's own."""
+    import importlib
+    import types
+
+    src = EMBEDDED_MODULES.get(name)
+    if src is None:
+        return importlib.import_module(_PACKAGE_MODULES[name])
+    key = f"edgesr_embedded_{name}"
+    if key not in sys.modules:
+        mod = types.ModuleType(key)
+        sys.modules[key] = mod  # dataclasses look their module up while the class is built
+        exec(compile(src, f"<edgesr {name}.py>", "exec"), mod.__dict__)
+    return sys.modules[key]
+
+
+def _int_or_none(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def upscale_main(argv) -> int:
+    """Upscale images with the bundled artifact; bad inputs are listed, exit 2 if any failed."""
+    art = BUNDLE.get("artifact", {})
+    ap = argparse.ArgumentParser(prog="edgesr_bench.py upscale",
+                                 description="Upscale images with the bundled artifact (tiled, any size).")
+    ap.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    ap.add_argument("--artifact", default=_here(art["file"]) if art.get("file") else None)
+    ap.add_argument("--output", "-o", default="upscaled", help="output folder (default: ./upscaled)")
+    ap.add_argument("--overlap", type=int, default=None, help="tile overlap in input px")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--format", choices=("png", "jpg", "webp"), default="png")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args = ap.parse_args(argv)
+    if not args.artifact or not os.path.isfile(args.artifact):
+        ap.error(f"artifact not found: {args.artifact}")
+    if art.get("file") and os.path.basename(args.artifact) != art["file"]:
+        ap.error("--artifact: this script only knows the bundled artifact's scale and size rule")
+    if not art.get("scale"):
+        ap.error("the bundled artifact records no scale (not written by `edgesr export`)")
+    tiling, imageio = embedded_module("tiling"), embedded_module("imageio")
+    fmt = "tflite" if args.artifact.endswith((".tflite", ".lite")) else "onnx"
+    runner = _device_runner(FAMILY_OF_FORMAT[fmt], args.artifact, args.threads,
+                            art.get("layout") or ("NHWC" if fmt == "tflite" else "NCHW"))
+    scale, rule = int(art["scale"]), {"min_size": art.get("min_size", 1), "multiple_of": art.get("multiple_of", 1)}
+    fixed = None if art.get("dynamic") else art.get("input_hw")
+    label = "-".join(str(art[k]) for k in ("model", "variant") if art.get(k)) or "model"
+    failed = 0
+    for src in imageio.find_images(args.inputs):
+        out = os.path.join(args.output, imageio.output_name(src, label, scale, args.format))
+        if os.path.exists(out) and not args.overwrite:
+            print(f"skipped: {out} exists (use --overwrite)", file=sys.stderr)
+            continue
+        try:
+            pic = imageio.read_picture(src)
+            h, w = pic.size
+            tile, overlap = tiling.plan_tiles(h, w, fixed_tile=fixed, overlap=args.overlap, size_rule=rule,
+                                              receptive_field=_int_or_none(art.get("receptive_field")))
+            t = time.perf_counter()
+            bands = tiling.iter_upscaled_rows(runner.run, pic.rgb, scale, tile=tile, overlap=overlap, size_rule=rule)
+            pixels = imageio.assemble(pic, bands, scale, args.format)
+            seconds = time.perf_counter() - t
+            os.makedirs(args.output, exist_ok=True)
+            tmp = out + ".part"
+            try:
+                imageio.write_picture(tmp, pixels, args.format, pic.icc)
+                os.replace(tmp, out)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        except Exception as e:  # one line per bad input; the others still run
+            failed += 1
+            print(f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+            continue
+        mpix = scale * scale * h * w / 1e6
+        print(f"{out}: {w}x{h} -> {scale * w}x{scale * h}, {seconds:.2f} s, {mpix / seconds:.2f} output MP/s")
+    return 2 if failed else 0
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["upscale"]:
+        return upscale_main(argv[1:])
     if argv[:1] == ["--_cell"]:  # child process: one measurement, JSON on stdout
         print(json.dumps(_device_cell(json.loads(argv[1]))))
         return 0
