@@ -15,8 +15,9 @@ tests/test_quality.py pins this).
 Paired restoration layout (DarkIR, x1): ``DIR/low/<name>`` and ``DIR/high/<name>``
 (same file names; the ``input/``+``target/`` spelling is accepted too).
 
-Images of any mode are read as 8-bit RGB: greyscale is replicated to three channels,
-alpha is dropped, 16-bit data is rounded to 8 bits.
+Images of any mode are read as 8-bit RGB (through :mod:`edgesr.imageio`): greyscale is
+replicated to three channels, alpha is dropped, 16-bit data is rounded to 8 bits (the
+protocol scores 8-bit images).
 """
 
 from __future__ import annotations
@@ -66,26 +67,11 @@ class Dataset:
 
 
 def read_rgb8(path: Path) -> np.ndarray:
-    """Any image file as (H, W, 3) uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
+    """Any image file as (H, W, 3) uint8 RGB (decoded by :func:`edgesr.imageio.read_picture`)."""
+    from ..imageio import read_picture
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return _to_rgb8(im)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from None
-
-
-def _to_rgb8(im) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit (or wider) greyscale: Pillow's convert('L') would clip, not rescale.
-        a = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if im.mode != "F" else max(1.0, float(a.max()))
-        grey = np.clip(np.round(a * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    # L, LA, P, RGBA, CMYK, YCbCr, 48-bit RGB (Pillow decodes it to 8 bits per channel): all to RGB.
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    rgb = read_picture(path).rgb  # float32 [0, 1]: grey replicated, alpha split off, 16 bit scaled
+    return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
 def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
