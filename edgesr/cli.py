@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -14,7 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import EdgeSRError
+# typer vendors click and raises these (it re-exports none of them); usage errors become one line.
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+from .errors import EdgeSRError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -40,34 +44,35 @@ def _stage_printer():
 
 @app.command("models")
 def models_cmd(
-    macs: bool = typer.Option(True, "--macs/--no-macs", help="Measure MACs per input pixel (builds each variant)."),
+    measure: bool = typer.Option(False, "--measure", help="Build every variant and count params/MACs now "
+                                 "(about a minute) instead of reading the stored figures."),
 ) -> None:
     """List every model and variant: scales, parameters, MACs per input pixel, size rule."""
+    from .catalog import figure_key, measure as measure_figures, stored_figures
     from .models.registry import all_specs
-    from .stats import count_macs, count_params
 
-    import torch
-
+    stored = {} if measure else stored_figures()
     table = Table(title="edgesr models")
-    for col in ("model", "variant", "scales", "params (train form)", "MACs / input px (deploy, 64px)", "input range",
+    for col in ("model", "variant", "scales", "params (train form)", "MACs / input px (deploy)", "input range",
                 "size rule", "dynamic"):
         table.add_column(col)
+    missing = 0
     for spec in all_specs():
         for v in spec.variants:
-            torch.manual_seed(0)
-            model = spec.build(v.name, v.default_scale).eval()
-            per_px = "-"
-            if macs:
-                m = spec.size_rule.multiple_of
-                s = -(-max(64, spec.size_rule.min_size) // m) * m
-                from .reparam import deploy
-
-                x = torch.rand(1, 3, s, s) * spec.input_range
-                per_px = f"{count_macs(deploy(model), x) / (s * s) / 1e3:,.1f}K (x{v.default_scale})"
-            table.add_row(spec.name, v.name, ",".join(f"x{s}" for s in v.scales), f"{count_params(model):,}",
-                          per_px, f"[0,{spec.input_range:g}]", spec.size_rule.describe(),
-                          "yes" if spec.dynamic_shapes else "no")
+            fig = measure_figures(spec, v.name) if measure else stored.get(figure_key(spec.name, v.name))
+            missing += fig is None
+            params = f"{fig['params']:,}" if fig else "-"
+            per_px = f"{fig['macs_per_px'] / 1e3:,.1f}K (x{fig['scale']})" if fig else "-"
+            table.add_row(spec.name, v.name, ",".join(f"x{s}" for s in v.scales), params, per_px,
+                          f"[0,{spec.input_range:g}]", spec.size_rule.describe(), "yes" if spec.dynamic_shapes else "no")
     out.print(table)
+    if missing:
+        err.print(f"[yellow]note:[/] {missing} variant(s) have no stored figures; `edgesr models --measure` counts them")
+
+
+def _check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        raise EdgeSRError(f"--threads must be >= 1, got {threads}")
 
 
 @app.command("export")
@@ -85,15 +90,21 @@ def export_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads for verification."),
 ) -> None:
     """Export a model to ONNX or TFLite and verify it against the train-form PyTorch model."""
+    from .io import refuse_output_overlapping_inputs
     from .models.registry import get_spec
-    from .pipeline import export_model, obtain_model, parse_size, plan_export
+    from .pipeline import export_model, export_outputs, obtain_model, parse_size, plan_export
 
     size = parse_size(input_size) if input_size else None
+    _check_threads(threads)
     sample = model is None and weights is None  # the Quickstart: a real, shipped checkpoint
     if sample:
         from .upscale import SAMPLE_WEIGHTS
 
         weights = SAMPLE_WEIGHTS
+    if output is not None:
+        for path in export_outputs(output):
+            refuse_output_overlapping_inputs(path, weights)
+
     if model is not None:  # validate flags before loading anything (the checkpoint is checked on load)
         plan_export(get_spec(model), fmt.value, size, dynamic, output, variant, scale)
     t = time.perf_counter()
@@ -138,11 +149,13 @@ def reparam_cmd(
     scale: Optional[int] = typer.Option(None, "--scale"),
 ) -> None:
     """Fold a train-form checkpoint into its deploy form and write the folded weights."""
+    from .io import check_output_path
     from .models.checkpoint import save_state_dict
     from .pipeline import deploy_checkpoint, obtain_model
 
     if output.suffix not in (".safetensors", ".pth", ".pt"):
         raise EdgeSRError(f"output {output} should end in .safetensors, .pth or .pt")
+    check_output_path(output, weights)
     loaded = obtain_model(model, variant, scale, weights, state_key=state_key)
     sd, report, reloadable = deploy_checkpoint(loaded)
     save_state_dict(sd, output)
@@ -168,11 +181,13 @@ def parity_cmd(
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Compare an artifact against the train-form PyTorch model (rebuilt from its metadata)."""
+    from .io import atomic_write_text, check_outputs
     from .runtime.check import check_artifact
 
+    _check_threads(threads)
+    check_outputs([json_out, md_out], artifact, weights, images)
     report = check_artifact(artifact, weights=weights, images=images, sizes=sizes, arch=arch, threads=threads,
                             state_key=state_key)
-    from .io import atomic_write_text
 
     if json_out:
         atomic_write_text(json_out, report.to_json() + "\n")
@@ -199,31 +214,100 @@ _register_plugins()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors are one line and exit 2 (parity failures exit 1)."""
+    """Entry point.  The error contract (README "Exit codes"): every failure is one line.
+
+    0 success; 1 parity failed; 2 bad input, usage error or the environment refused a
+    write (disk full, read-only, permission); 3 internal error (a bug: set EDGESR_DEBUG=1);
+    130/143 interrupted by SIGINT/SIGTERM, after removing temp files.
+    """
+    received: list[Interrupted] = []
+    previous = _raise_on_termination_signals(received)
     try:
         rc = app(args=argv, standalone_mode=False)
+        if received:  # typer turns the KeyboardInterrupt into a plain return code 130
+            return _interrupted(received[0])
     except typer.Exit as e:
         return e.exit_code
     except EdgeSRError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
-        return e.exit_code
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
-        return 130
+        return _fail(str(e), e.exit_code)
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    except OSError as e:  # the environment refused a file operation outside the io.py boundary
+        if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGESR_DEBUG"):
+            return _internal_error(e)
+        return _fail(f"{e.filename or 'file operation'}: {e.strerror}", 2)
     except Exception as e:  # usage errors and genuine bugs
-        usage_error = getattr(e, "show", None)
-        if isinstance(e, typer.TyperException) and callable(usage_error):  # typer's (vendored) click errors
-            usage_error()
+        if isinstance(e, NoArgsIsHelpError):
+            e.show()  # bare `edgesr` (or a group without a command): the help text is the answer
             return getattr(e, "exit_code", 2)
+        if isinstance(e, ClickException):  # unknown option/command/choice, missing value
+            return _fail(_usage_line(e), getattr(e, "exit_code", 2))
         if isinstance(e, typer.Abort):
             return 1
-        if os.environ.get("EDGESR_DEBUG"):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(first)} (set EDGESR_DEBUG=1 for the traceback)",
-                  highlight=False)
-        return 3
+        return _internal_error(e)
+    finally:
+        _restore_signals(previous)
     return rc if isinstance(rc, int) else 0
+
+
+# Errors of the machine, not of edgesr: exit 2 with the path and the reason.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                       errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.EFBIG}
+
+
+def _fail(message: str, code: int) -> int:
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    return code
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+    err.print(f"[red]interrupted[/] ({name}): stopped; temporary files removed", highlight=False)
+    return e.exit_code if isinstance(e, Interrupted) else 130
+
+
+def _usage_line(e: ClickException) -> str:
+    """Click's usage box as one line, pointing at the command's --help."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "edgesr"
+    message = " ".join(e.format_message().split())
+    return f"{message} (see `{command} --help`)"
+
+
+def _internal_error(e: BaseException) -> int:
+    if os.environ.get("EDGESR_DEBUG"):
+        raise e
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(first)} (set EDGESR_DEBUG=1 for the traceback)",
+              highlight=False)
+    return 3
+
+
+def _raise_on_termination_signals(received: list) -> dict:
+    """SIGTERM and SIGINT unwind the stack (finally blocks remove temp folders), as Ctrl-C does.
+
+    Each signal is also appended to ``received``: typer swallows the exception into exit code 130.
+    """
+    import signal
+
+    def interrupt(signum, frame):
+        received.append(Interrupted(signum, signal.Signals(signum).name))
+        raise received[-1]
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, interrupt)
+        except ValueError:  # not the main thread (e.g. called from a worker): leave signals alone
+            pass
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -124,19 +124,30 @@ def check_output_path(output: PathLike, *inputs: PathLike | None, directory: boo
     Call it in a command before loading a model or running anything; ``inputs`` are the
     files the command reads (checkpoint, artifact, images...).  Returns ``Path(output)``.
     """
+    path = check_writable_destination(output, directory=directory)
     refuse_output_overlapping_inputs(output, *inputs)
-    return check_writable_destination(output, directory=directory)
+    return path
+
+
+def check_outputs(outputs, *inputs: PathLike | None) -> list[Path]:
+    """``check_output_path`` for each given output (None skipped); two outputs may not coincide either."""
+    given = [Path(o) for o in outputs if o is not None]
+    for i, out in enumerate(given):
+        check_output_path(out, *inputs)
+        for other in given[:i]:
+            if same_file(out, other):
+                raise OutputError(f"two outputs are the same file: {other} and {out}")
+    return given
 
 
 # --------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def created_dirs(directory: PathLike) -> Iterator[Path]:
-    """Create ``directory`` (and parents) now; remove what was created if the block fails.
+def make_output_dirs(directory: PathLike) -> list[Path]:
+    """Create ``directory`` and missing parents; return the ones created, deepest first.
 
-    Output folders appear with the first real output and disappear again, if still empty,
-    when the command fails or is interrupted.
+    Pair it with ``remove_empty_dirs`` in a ``finally``: output folders appear with the
+    first real output and go again, if still empty, when the command fails or is interrupted.
     """
     d = Path(directory) if str(directory) else Path(".")
     made: list[Path] = []
@@ -146,13 +157,24 @@ def created_dirs(directory: PathLike) -> Iterator[Path]:
         p = p.parent
     with writing(d):
         d.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove those of ``dirs`` (deepest first) that are empty; keep any holding a file."""
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def created_dirs(directory: PathLike) -> Iterator[Path]:
+    """``make_output_dirs`` for a block: what it created is removed again if still empty afterwards."""
+    made = make_output_dirs(directory)
     try:
-        yield d
-    except BaseException:
-        for m in made:  # deepest first
-            with contextlib.suppress(OSError):
-                m.rmdir()
-        raise
+        yield Path(directory) if str(directory) else Path(".")
+    finally:
+        remove_empty_dirs(made)
 
 
 def ensure_writable_dir(directory: Path) -> None:

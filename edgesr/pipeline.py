@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__
 from .data import image_names, random_input, read_image, fit_image, sample_input
 from .errors import EdgeSRError, ExportError, SizeRuleError
-from .io import ensure_writable_dir
+from .io import check_writable_destination, make_output_dirs, output_error, remove_empty_dirs
 from .models.checkpoint import LoadReport, load_model
 from .models.registry import ModelSpec, get_spec, probe_size, spec_of
 from .reparam import fold, make_export_safe
@@ -132,8 +132,25 @@ def deploy_checkpoint(loaded: LoadedModel):
 # --------------------------------------------------------------------------- sizes
 
 
+# Largest input side any command accepts, and the memory a pixel may need: SR networks keep
+# tens of fp32 feature maps per input pixel alive (64 channels x 4 bytes x a few live maps),
+# so a size whose pixels x this exceeds the machine's RAM fails in the allocator after
+# minutes; refuse it at once instead.
+MAX_INPUT_SIDE = 8192
+BYTES_PER_INPUT_PIXEL = 1024
+
+
+def max_input_pixels() -> int:
+    """The pixel budget of one input on this machine: physical RAM / BYTES_PER_INPUT_PIXEL."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 << 30
+    return min(MAX_INPUT_SIDE * MAX_INPUT_SIDE, ram // BYTES_PER_INPUT_PIXEL)
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """'256', '256x256' or '360x640' (HxW) -> (H, W)."""
+    """'256' (= 256x256), '256x256' or '360x640' (HxW) -> (H, W), within the stated maximum."""
     t = text.lower().replace(" ", "")
     parts = t.split("x") if "x" in t else [t, t]
     try:
@@ -142,7 +159,20 @@ def parse_size(text: str) -> tuple[int, int]:
         raise EdgeSRError(f"bad size {text!r}: expected HxW, e.g. 256x256") from None
     if h <= 0 or w <= 0:
         raise EdgeSRError(f"bad size {text!r}: height and width must be positive")
+    check_size_bound((h, w), text)
     return h, w
+
+
+def check_size_bound(size: tuple[int, int], text: str | None = None) -> None:
+    """Refuse sizes beyond MAX_INPUT_SIDE or this machine's memory before any model is built."""
+    h, w = size
+    label = text or f"{h}x{w}"
+    if max(h, w) > MAX_INPUT_SIDE:
+        raise SizeRuleError(f"size {label} is too large: at most {MAX_INPUT_SIDE} pixels per side")
+    budget = max_input_pixels()
+    if h * w > budget:
+        raise SizeRuleError(f"size {label} is too large for this machine's memory: at most {budget:,} input "
+                            f"pixels (RAM / {BYTES_PER_INPUT_PIXEL} bytes per pixel)")
 
 
 def check_size(spec: ModelSpec, size: tuple[int, int]) -> None:
@@ -275,8 +305,14 @@ def plan_export(
         out = Path("edgesr-out") / f"{spec.name}_{label}_x{s}_{shape}{FORMATS[fmt]}"
     if out.suffix != FORMATS[fmt]:
         raise EdgeSRError(f"output {out} should end in {FORMATS[fmt]} for --format {fmt}")
-    ensure_writable_dir(out.parent)
+    for path in export_outputs(out):  # checked now, created only when the export has succeeded
+        check_writable_destination(path)
     return size, out
+
+
+def export_outputs(artifact: Path) -> tuple[Path, Path, Path]:
+    """Every file an export writes: the artifact and its JSON and Markdown reports."""
+    return artifact, artifact.with_suffix(artifact.suffix + ".json"), artifact.with_suffix(artifact.suffix + ".md")
 
 
 def export_model(
@@ -329,6 +365,9 @@ def export_model(
         **{f"{k}_version": v for k, v in runtime_versions().items() if k != "edgesr"},
     }
 
+    # The output folder appears with the first real write and goes again if the export fails
+    # or is interrupted (Ctrl-C, SIGTERM); the temp folder beside the artifact always goes.
+    made = make_output_dirs(out.parent)
     tmpdir = Path(tempfile.mkdtemp(prefix=".edgesr-", dir=out.parent))
     try:
         tmp_art = tmpdir / out.name
@@ -344,7 +383,7 @@ def export_model(
                     result = export_tflite(safe, tmp_art, input_range=spec.input_range, input_size=size,
                                            multiple_of=spec.size_rule.multiple_of,
                                            min_size=spec.size_rule.min_size, metadata=meta)
-            except EdgeSRError:
+            except (EdgeSRError, OSError):  # OSError: disk full etc., classified below
                 raise
             except Exception as e:  # converter failures become one clear line
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -377,16 +416,31 @@ def export_model(
             report["passed"] = None
             write_metadata(tmp_art, {"parity": "not verified (--no-verify)"})
 
-        json_path = out.with_suffix(out.suffix + ".json")
-        md_path = out.with_suffix(out.suffix + ".md")
+        _, json_path, md_path = export_outputs(out)
+        side_files = [Path(p).name for p in report["export"].get("checks", {}).get("external_data", [])]
+        report = _final_paths(report, tmpdir, out.parent)  # the report names where files end up
         (tmpdir / json_path.name).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         (tmpdir / md_path.name).write_text(_report_markdown(report, parity if verify else None))
-        # Reports first, artifact last: an artifact on disk always has its report beside it.
-        for name in (json_path.name, md_path.name, out.name):
+        # Reports and side files first, artifact last: an artifact on disk always has its report beside it.
+        for name in (json_path.name, md_path.name, *side_files, out.name):
             os.replace(tmpdir / name, out.parent / name)
+    except OSError as e:  # disk full, read-only, permission: the user's environment (exit 2)
+        raise output_error(out, e) from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        remove_empty_dirs(made)  # only a failed run's folders are empty
     return ExportOutcome(out, json_path, md_path, passed, report)
+
+
+def _final_paths(obj, tmpdir: Path, final_dir: Path):
+    """``obj`` with every path string inside ``tmpdir`` pointing into ``final_dir`` instead."""
+    if isinstance(obj, dict):
+        return {k: _final_paths(v, tmpdir, final_dir) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_final_paths(v, tmpdir, final_dir) for v in obj)
+    if isinstance(obj, (str, Path)) and str(obj).startswith(str(tmpdir) + os.sep):
+        return str(final_dir / Path(obj).relative_to(tmpdir))
+    return obj
 
 
 def _default_size(spec: ModelSpec) -> tuple[int, int]:
@@ -435,11 +489,39 @@ def _report_markdown(report: dict, parity=None) -> str:
         f"- fold: {fold_r['params_before']:,} -> {fold_r['params_after']:,} params, "
         f"max-abs {fold_r['max_abs']:.2e} on the probe",
         "",
+        *_io_contract_markdown(report),
     ]
     if parity is None:
         lines.append("**Parity: not verified** (--no-verify).")
         return "\n".join(lines) + "\n"
     return "\n".join(lines) + "\n" + parity.to_markdown()
+
+
+def _io_contract_markdown(report: dict) -> list[str]:
+    """The artifact's I/O contract (what a caller must feed and gets back), as in the JSON."""
+    export = report.get("export") or {}
+    meta = export.get("metadata") or {}
+    if not export:
+        return []
+    shape = lambda dims: "[" + ", ".join(str(d) for d in dims) + "]"  # noqa: E731
+    layout = export.get("layout", "?")
+    rng = meta.get("input_range", "[0,1]")
+    rule = get_spec(report["model"]).size_rule.describe()
+    return [
+        "## I/O contract",
+        "",
+        "| tensor | name | dtype | layout | shape | range |",
+        "|---|---|---|---|---|---|",
+        f"| input | `{meta.get('input_name', '?')}` | float32 RGB | {layout} | {shape(export.get('input_shape', ()))} "
+        f"| {rng} |",
+        f"| output | `{meta.get('output_name', '?')}` | float32 RGB | {layout} | "
+        f"{shape(export.get('output_shape', ()))} | {rng} (not clamped) |",
+        "",
+        f"- the graph converts to the model's native range {meta.get('native_range', '?')} inside; feed {rng}",
+        *([f"- size rule: {rule}"] if rule else []),
+        f"- artifact: `{Path(str(export.get('path', '?'))).name}`, {export.get('file_size', 0) / 1e6:.2f} MB",
+        "",
+    ]
 
 
 def load_images(directory: str | os.PathLike) -> list[np.ndarray]:

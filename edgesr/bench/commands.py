@@ -15,6 +15,7 @@ from ..errors import EdgeSRError
 
 out = Console()
 err = Console(stderr=True)
+PLOT_SUFFIX = ".png"  # report.plot writes PNG whatever the name says
 
 
 def _table_console() -> Console:
@@ -96,12 +97,16 @@ def register(app: typer.Typer) -> None:
         peak: bool = typer.Option(True, "--peak/--no-peak", help="Measure each runtime's sgemm peak."),
     ) -> None:
         """Latency, throughput, GFLOP/s vs measured peak, and memory per runtime x threads x size."""
-        from ..io import atomic_write_text
+        from ..io import atomic_write_text, check_outputs
         from .core import BenchSettings, bench_artifacts, bench_model
         from .report import load_result, markdown, plot, rich_tables
 
         if artifacts and model:
             raise EdgeSRError("give artifacts or --model, not both")
+        if plot_out is not None and plot_out.suffix.lower() != PLOT_SUFFIX:
+            raise EdgeSRError(f"--plot {plot_out} should end in {PLOT_SUFFIX} (the plot is a PNG image)")
+        # Every output is checked before a single run: a benchmark is minutes of work.
+        check_outputs([json_out, md_out, plot_out], *(artifacts or []), *(imports or []), weights)
         imported = [load_result(p) for p in imports or []]
         local: list[dict] = []
         if artifacts or model or weights:
@@ -144,9 +149,12 @@ def register(app: typer.Typer) -> None:
         sizes: Optional[str] = typer.Option(None, "--sizes", help="Dynamic ONNX: sizes to benchmark on the device."),
     ) -> None:
         """Write a self-contained folder to benchmark ARTIFACT on an ARM board or Android phone."""
+        from ..io import check_output_path, writing
         from .bundle import write_bundle
 
-        path = write_bundle(artifact, output, force=force, sizes=_sizes(sizes))
+        check_output_path(output, artifact, directory=True)
+        with writing(output):  # disk full, read-only...: one line naming the bundle folder
+            path = write_bundle(artifact, output, force=force, sizes=_sizes(sizes))
         out.print(f"bundle: {escape(str(path))}")
         for f in sorted(path.iterdir()):
             out.print(f"  {escape(f.name)}  ({f.stat().st_size / 1e6:.2f} MB)")
