@@ -117,8 +117,16 @@ def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spaced tile starts covering ``length``, neighbours overlapping >= ``overlap``."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Evenly spaced tile starts covering ``length``, neighbours overlapping >= ``overlap``.
+
+    With ``align > 1`` (``length`` and ``tile`` multiples of it) every start is a multiple
+    of ``align``: models that pool on a grid of their size-rule multiple (SAFMN's 8 px)
+    then see the same grid in every tile as in the whole image.
+    """
+    if align > 1:
+        units = tile_starts(length // align, tile // align, -(-overlap // align))
+        return [u * align for u in units]
     if length <= tile:
         return [0]
     step = max(1, tile - overlap)
@@ -202,10 +210,11 @@ def iter_upscaled_rows(
     overlap = default_overlap(None, (th, tw)) if overlap is None else int(overlap)
     overlap = max(0, min(overlap, min(th, tw) // 2))
     blend = overlap // 4 if blend is None else max(0, min(int(blend), overlap))
-    # Sides shorter than the tile are padded up to it (a fixed artifact takes nothing else).
-    padded = pad_image(image, max(h, th), max(w, tw))
+    # Sides shorter than the tile are padded up to it (a fixed artifact takes nothing else),
+    # longer ones up to the size rule's multiple so every tile starts on that grid.
+    padded = pad_image(image, max(padded_size(h, 1, multiple_of), th), max(padded_size(w, 1, multiple_of), tw))
     ph, pw = padded.shape[:2]
-    ys, xs = tile_starts(ph, th, overlap), tile_starts(pw, tw, overlap)
+    ys, xs = tile_starts(ph, th, overlap, multiple_of), tile_starts(pw, tw, overlap, multiple_of)
     wy, wx = blend_profiles(ys, th, scale, blend), blend_profiles(xs, tw, scale, blend)
     total, done = len(ys) * len(xs), 0
 
