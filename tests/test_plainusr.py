@@ -181,7 +181,8 @@ def test_detect_rejects_foreign_dicts():
     assert detect(edgesr.create_model("span", 4, "ch28").state_dict()) is None
     assert detect({k: v for k, v in sd.items() if k != "tail.0.weight"}) is None
     assert detect(dict(sd, **{"head.weight": torch.zeros(70, 3, 3, 3)})) is None  # no such width
-    assert detect(dict(sd, **{"tail.0.weight": torch.zeros(27, 67, 3, 3)})) is None  # x3 was never released
+    # x3 was never released, but the official class expresses it: read off shapes (issue 15)
+    assert detect(dict(sd, **{"tail.0.weight": torch.zeros(27, 67, 3, 3)})) == ("custom-general-n64-im64-48-32-f16", 3)
     assert detect({"head.weight": torch.zeros(3)}) is None
 
 

@@ -280,8 +280,8 @@ def test_detect_rejects_foreign_dicts(sd):
 
 
 def test_detect_rejects_unknown_configs():
-    sd = S.SAFMN(36, 12, 2.0, 2).state_dict()  # the commented-out 12-block config: no variant
-    assert get_spec("safmn").detect(sd) is None
+    sd = S.SAFMN(36, 12, 2.0, 2).state_dict()  # the commented-out 12-block config: read off shapes (issue 15)
+    assert get_spec("safmn").detect(sd) == ("custom-dim36-b12-ffn2", 2)
     sd = build("safmn", "base").state_dict()
     del sd["feats.3.norm1.weight"], sd["feats.3.norm1.bias"]  # block indices still 0..7: detected,
     assert get_spec("safmn").detect(sd) == ("base", 4)  # the strict load reports the gap

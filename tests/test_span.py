@@ -164,10 +164,11 @@ def test_detect_rejects_foreign_and_partial_dicts():
     assert detect(bad_scale) is None
     assert detect({"conv_1.eval_conv.weight": torch.zeros(3)}) is None
     assert detect({"head.weight": torch.zeros(67, 3, 3, 3)}) is None
-    # the deploy-only layout of ch48 is what `edgesr reparam` writes; other widths are not guessed at
+    # the deploy-only layout of ch48 is what `edgesr reparam` writes; other widths are read off
+    # the shapes (issue 15) and labelled custom
     assert detect({k: v for k, v in sd.items() if ".eval_conv." in k or k.split(".")[0] in ("conv_cat", "upsampler")}) == ("ch48-deploy", 4)
     from edgesr.models.span import SPAN
-    assert detect(SPAN(40, 4, deploy_only=True).state_dict()) is None
+    assert detect(SPAN(40, 4, deploy_only=True).state_dict()) == ("custom-ch40-deploy", 4)
     with pytest.raises(CheckpointError):
         load_model({k: v for k, v in sd.items() if k != "conv_cat.bias"}, name="span")
 

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import edgesr
-from edgesr.errors import CheckpointError
 from edgesr.models import srconvnet as sc
 from edgesr.models.checkpoint import detect_architecture
 from edgesr.models.registry import get_spec
@@ -184,10 +183,15 @@ def test_train_py_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
-def test_non_base_checkpoint_is_reported_not_silently_loaded():
-    sd = sc.SRConvNet(scale=4, dim=48, num_blocks=2).state_dict()
-    with pytest.raises(CheckpointError, match=r"srconvnet base x4\) does not fit.*to_feat.weight"):
-        edgesr.load_model(sd)
+def test_non_base_checkpoint_loads_with_its_own_config():
+    # issue 15: widths/depths are read off the shapes, never forced into the base config
+    src = sc.SRConvNet(scale=4, dim=48, num_blocks=2).eval()
+    loaded = edgesr.load_model(src.state_dict())
+    assert loaded.edgesr_info["variant"] == "custom-dim48-b2-h8-k16"
+    assert (loaded.dim, loaded.num_blocks) == (48, 2)
+    x = noise_image(6, 5) * 255
+    with torch.no_grad():
+        assert torch.equal(loaded(x), src(x))
 
 
 # ---------------------------------------------------------------------------- train form
