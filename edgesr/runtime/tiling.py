@@ -13,8 +13,8 @@ smaller than a fixed tile, and the output is cropped back.  The pad *reflects* t
 ``F.pad(mode="reflect")`` does in BasicSR-style test code) because a mirrored
 continuation keeps the image statistics the network saw in training near the border;
 zeros would put an artificial black edge inside the receptive field of real pixels.
-Reflect needs ``pad < size``; a side shorter than that (e.g. a 1-px-high image) is
-padded by *replicating* the edge.
+A pad longer than the side reflects back and forth (numpy's reflect); a 1-px side has
+nothing to mirror and is padded by *replicating* the edge.
 
 Tiling.  Tiles of ``tile`` input pixels start at evenly spaced positions (the last one
 flush with the border) so that neighbours overlap by at least ``overlap`` px.  Each tile
@@ -103,7 +103,7 @@ def padded_size(size: int, min_size: int, multiple_of: int) -> int:
 
 
 def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pad ``(H, W, C)`` on the bottom/right to ``height x width`` (reflect, else replicate)."""
+    """Pad ``(H, W, C)`` on the bottom/right to ``height x width`` (reflect; replicate a 1-px side)."""
     h, w = image.shape[:2]
     ph, pw = height - h, width - w
     if ph <= 0 and pw <= 0:
@@ -111,9 +111,9 @@ def pad_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     ph, pw = max(ph, 0), max(pw, 0)
     out = image
     if ph:
-        out = np.pad(out, ((0, ph), (0, 0), (0, 0)), mode="reflect" if ph < h else "edge")
+        out = np.pad(out, ((0, ph), (0, 0), (0, 0)), mode="reflect" if h > 1 else "edge")
     if pw:
-        out = np.pad(out, ((0, 0), (0, pw), (0, 0)), mode="reflect" if pw < w else "edge")
+        out = np.pad(out, ((0, 0), (0, pw), (0, 0)), mode="reflect" if w > 1 else "edge")
     return out
 
 
