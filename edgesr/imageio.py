@@ -190,18 +190,18 @@ def output_bits(pic: Picture, fmt: str) -> int:
 
 
 def new_output(height: int, width: int, pic: Picture, bits: int) -> np.ndarray:
-    """The integer buffer the upscaled colour is assembled into, band by band."""
+    """The integer buffer the upscaled colour is assembled into, block by block."""
     channels = (1 if pic.grey else 3) + (1 if pic.alpha is not None else 0)
     return np.empty((height, width, channels), dtype=np.uint16 if bits == 16 else np.uint8)
 
 
-def store_rows(out: np.ndarray, top: int, rows: np.ndarray, grey: bool) -> None:
-    """Quantise float rows (unclamped) into ``out[top:...]``'s colour channels."""
+def store_block(out: np.ndarray, top: int, left: int, block: np.ndarray, grey: bool) -> None:
+    """Quantise a float block (unclamped) into ``out``'s colour channels at ``(top, left)``."""
     maxval = 65535.0 if out.dtype == np.uint16 else 255.0
     if grey:
-        rows = (rows @ _LUMA)[..., None]
-    q = np.clip(rows, 0.0, 1.0) * maxval
-    out[top : top + rows.shape[0], :, : q.shape[2]] = np.rint(q).astype(out.dtype)
+        block = (block @ _LUMA)[..., None]
+    q = np.clip(block, 0.0, 1.0) * maxval
+    out[top : top + q.shape[0], left : left + q.shape[1], : q.shape[2]] = np.rint(q).astype(out.dtype)
 
 
 def store_alpha(out: np.ndarray, alpha: np.ndarray) -> None:
@@ -212,16 +212,16 @@ def store_alpha(out: np.ndarray, alpha: np.ndarray) -> None:
     out[..., -1] = np.rint(np.clip(np.asarray(big), 0.0, 1.0) * maxval).astype(out.dtype)
 
 
-def assemble(pic: Picture, bands, scale: int, fmt: str) -> np.ndarray:
-    """The integer output of ``pic`` from the tiler's ``(top, rows)`` float bands, plus alpha.
+def assemble(pic: Picture, blocks, scale: int, fmt: str) -> np.ndarray:
+    """The integer output of ``pic`` from the tiler's ``(top, left, block)`` floats, plus alpha.
 
-    Each band is quantised as it arrives, so a large photo's float32 result never exists
+    Each block is quantised as it arrives, so a large photo's float32 result never exists
     at once (a 12-MP x4 output is 2.3 GB in float32, 0.6 GB in uint8).
     """
     h, w = pic.size
     out = new_output(scale * h, scale * w, pic, output_bits(pic, fmt))
-    for top, rows in bands:
-        store_rows(out, top, rows, pic.grey)
+    for top, left, block in blocks:
+        store_block(out, top, left, block, pic.grey)
     if pic.alpha is not None:
         store_alpha(out, pic.alpha)
     return out

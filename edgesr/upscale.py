@@ -19,7 +19,7 @@ import numpy as np
 
 from . import imageio
 from .errors import EdgeSRError, SizeRuleError
-from .runtime.tiling import iter_upscaled_rows, plan_tiles, rule_values
+from .runtime.tiling import iter_upscaled_blocks, plan_tiles, rule_values
 
 RUNTIMES = ("onnxruntime", "litert", "torch")
 
@@ -137,14 +137,14 @@ def upscale_picture(up: Upscaler, pic: imageio.Picture, fmt: str,
                     on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
     """The upscaled picture as an integer (H, W, C) buffer ready for :func:`imageio.write_picture`.
 
-    Rows are quantised band by band as the tiler finishes them, so the float32 result of
+    Blocks are quantised as the tiler finishes them, so the float32 result of
     a large photo is never held at once.
     """
     h, w = pic.size
     tile, overlap = up.plan(h, w)
     rule = {"min_size": up.min_size, "multiple_of": up.multiple_of}
-    bands = iter_upscaled_rows(up.run, pic.rgb, up.scale, tile=tile, overlap=overlap, size_rule=rule, progress=on_tile)
-    return imageio.assemble(pic, bands, up.scale, fmt)
+    blocks = iter_upscaled_blocks(up.run, pic.rgb, up.scale, tile=tile, overlap=overlap, size_rule=rule, progress=on_tile)
+    return imageio.assemble(pic, blocks, up.scale, fmt)
 
 
 # --------------------------------------------------------------------------- many files

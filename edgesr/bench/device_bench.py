@@ -547,8 +547,8 @@ def upscale_main(argv) -> int:
             tile, overlap = tiling.plan_tiles(h, w, fixed_tile=fixed, overlap=args.overlap, size_rule=rule,
                                               receptive_field=_int_or_none(art.get("receptive_field")))
             t = time.perf_counter()
-            bands = tiling.iter_upscaled_rows(runner.run, pic.rgb, scale, tile=tile, overlap=overlap, size_rule=rule)
-            pixels = imageio.assemble(pic, bands, scale, args.format)
+            blocks = tiling.iter_upscaled_blocks(runner.run, pic.rgb, scale, tile=tile, overlap=overlap, size_rule=rule)
+            pixels = imageio.assemble(pic, blocks, scale, args.format)
             seconds = time.perf_counter() - t
             os.makedirs(args.output, exist_ok=True)
             tmp = out + ".part"

@@ -28,8 +28,9 @@ tile that is used therefore stays ``(overlap - blend) / 2`` px away from its cut
 models that are not translation-exact, e.g. pooled ones, while keeping most of the
 overlap as clean margin).
 
-Output is produced in row bands (:func:`iter_upscaled_rows`) so a caller can convert a
-huge image to uint8/uint16 band by band instead of holding the float32 result.
+Output is produced in final blocks (:func:`iter_upscaled_blocks`) so a caller can convert a
+huge image to uint8/uint16 piece by piece: the float32 result never exists at once, and
+the tiler itself holds one tile plus the overlap strips.
 """
 
 from __future__ import annotations
@@ -179,7 +180,22 @@ def _run_tile(run: Run, tile: np.ndarray, scale: int) -> np.ndarray:
     return y[0].transpose(1, 2, 0)
 
 
-def iter_upscaled_rows(
+def _supports(starts: list[int], profiles: list[np.ndarray], tile: int, scale: int) -> list[int]:
+    """Per tile, the output coordinate where its neighbour's weight begins (``ends[i]``).
+
+    After tile ``i`` (and everything before it) is accumulated, coordinates below
+    ``ends[i]`` receive nothing more; the last tile's end is the padded image's end.
+    """
+    ends = []
+    for i in range(len(starts)):
+        if i + 1 < len(starts):
+            ends.append(scale * starts[i + 1] + int(np.argmax(profiles[i + 1] > 0)))
+        else:
+            ends.append(scale * (starts[i] + tile))
+    return ends
+
+
+def iter_upscaled_blocks(
     run: Run,
     image: np.ndarray,
     scale: int,
@@ -189,11 +205,14 @@ def iter_upscaled_rows(
     size_rule=None,
     blend: int | None = None,
     progress: Progress | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first_output_row, rows)`` bands of the upscaled image, top to bottom.
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(top, left, block)``: final float32 (unclamped) pieces of the upscaled image.
 
-    Bands are final (float32, unclamped, ``scale * W`` wide) and together cover exactly
-    ``scale * H`` rows.  ``progress(done, total)`` is called after every model run.
+    Blocks tile the ``(scale*H, scale*W)`` output exactly once, in tile order.  Only one
+    tile's output, the overlap strip to its right and the overlap rows below the current
+    tile row are held -- never a full-width band -- so the memory is independent of the
+    image width.  A block is a view: use it before asking for the next one.
+    ``progress(done, total)`` is called after every model run.
     """
     image = _check_image(image)
     h, w = image.shape[:2]
@@ -203,7 +222,7 @@ def iter_upscaled_rows(
         out = _run_tile(run, padded, scale)
         if progress:
             progress(1, 1)
-        yield 0, out[: scale * h, : scale * w]
+        yield 0, 0, out[: scale * h, : scale * w]
         return
 
     th, tw = _check_tile(tile, min_size, multiple_of)
@@ -216,32 +235,35 @@ def iter_upscaled_rows(
     ph, pw = padded.shape[:2]
     ys, xs = tile_starts(ph, th, overlap, multiple_of), tile_starts(pw, tw, overlap, multiple_of)
     wy, wx = blend_profiles(ys, th, scale, blend), blend_profiles(xs, tw, scale, blend)
+    row_ends, col_ends = _supports(ys, wy, th, scale), _supports(xs, wx, tw, scale)
     total, done = len(ys) * len(xs), 0
-
     out_h, out_w = scale * h, scale * w
-    acc_top = 0  # output row of acc[0]
-    acc = np.zeros((0, scale * pw, 3), dtype=np.float32)
+
+    # below: rows [row_top, r1 of the previous tile row) x full width, still to be summed
+    below, row_top = np.zeros((0, scale * pw, 3), dtype=np.float32), 0
     for i, y0 in enumerate(ys):
-        band_end = scale * (y0 + th)
-        if band_end - acc_top > acc.shape[0]:
-            grow = np.zeros((band_end - acc_top - acc.shape[0], acc.shape[1], 3), dtype=np.float32)
-            acc = np.concatenate([acc, grow])
-        rows = slice(scale * y0 - acc_top, band_end - acc_top)
+        r0, r1, row_end = scale * y0, scale * (y0 + th), row_ends[i]
+        next_below = np.zeros((r1 - row_end, scale * pw, 3), dtype=np.float32)
+        right, col_top = None, 0  # the previous tile's columns [col_top, its c1), all rows
         for j, x0 in enumerate(xs):
-            out = _run_tile(run, padded[y0 : y0 + th, x0 : x0 + tw], scale)
-            weight = wy[i][:, None, None] * wx[j][None, :, None]
-            acc[rows, scale * x0 : scale * (x0 + tw)] += out * weight
+            c0, col_end = scale * x0, col_ends[j]
+            t = _run_tile(run, padded[y0 : y0 + th, x0 : x0 + tw], scale)
+            t *= wy[i][:, None, None]
+            t *= wx[j][None, :, None]
             done += 1
             if progress:
                 progress(done, total)
-        # Rows above the next tile row receive no more contributions: emit them.
-        final = scale * ys[i + 1] if i + 1 < len(ys) else band_end
-        n_final = final - acc_top
-        emit_end = min(final, out_h)
-        if emit_end > acc_top:
-            yield acc_top, acc[: emit_end - acc_top, :out_w].copy()
-        acc = acc[n_final:]
-        acc_top = final
+            if right is not None:
+                t[:, col_top - c0 : col_top - c0 + right.shape[1]] += right
+            block = t[:, col_top - c0 : col_end - c0]  # final left to right
+            block[row_top - r0 : row_top - r0 + below.shape[0]] += below[:, col_top:col_end]
+            next_below[:, col_top:col_end] = block[row_end - r0 :]
+            top, bottom = row_top, min(row_end, out_h)
+            left, stop = col_top, min(col_end, out_w)
+            if bottom > top and stop > left:
+                yield top, left, block[top - r0 : bottom - r0, : stop - left]
+            right, col_top = t[:, col_end - c0 :].copy(), col_end
+        below, row_top = next_below, row_end
 
 
 def upscale_array(
@@ -265,9 +287,9 @@ def upscale_array(
     image = _check_image(image)
     h, w = image.shape[:2]
     out = np.empty((scale * h, scale * w, 3), dtype=np.float32)
-    for top, rows in iter_upscaled_rows(run, image, scale, tile=tile, overlap=overlap,
-                                        size_rule=size_rule, blend=blend, progress=progress):
-        out[top : top + rows.shape[0]] = rows
+    for top, left, block in iter_upscaled_blocks(run, image, scale, tile=tile, overlap=overlap,
+                                                 size_rule=size_rule, blend=blend, progress=progress):
+        out[top : top + block.shape[0], left : left + block.shape[1]] = block
     return out
 
 
