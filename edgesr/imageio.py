@@ -15,7 +15,8 @@ What is kept from the input:
 - **Alpha** is upscaled separately with bicubic resampling (chaiNNer's approach: the
   networks are trained on RGB only), clipped to [0, 1].
 - **16-bit PNGs** (grey or RGB, with or without alpha) are read at full precision through
-  pypng (Pillow has no 16-bit RGB mode) and written as 16-bit PNGs; ``jpg``/``webp``
+  pypng (Pillow has no 16-bit RGB mode) and written as 16-bit PNGs by :func:`write_png`
+  (a streaming writer: no copy of a huge output); ``jpg``/``webp``
   outputs are 8-bit by definition.
 - **EXIF orientation** is applied to the pixels (so the output needs no orientation tag);
   the **ICC profile** is copied into the output.
@@ -23,8 +24,8 @@ What is kept from the input:
 
 from __future__ import annotations
 
-import io
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def _from_pil(im: Image.Image, icc: bytes | None) -> Picture:
         im, icc = im.convert("RGB"), None
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         im = im.convert("RGBA" if "A" in mode else "RGB")
-    arr = np.asarray(im, dtype=np.float32) / 255.0
+    arr = np.asarray(im, dtype=np.float32)
+    arr *= 1.0 / 255.0  # in place: a 12-MP photo is 144 MB in float32
     if im.mode in ("L", "LA"):
         arr = arr[..., None] if arr.ndim == 2 else arr
         rgb = np.repeat(arr[..., :1], 3, axis=2)
@@ -186,7 +188,7 @@ def _oriented(pic: Picture, orientation: int) -> Picture:
 
 def output_bits(pic: Picture, fmt: str) -> int:
     """16 only where the file format can hold it (PNG) and the input had it."""
-    return 16 if pic.bits == 16 and fmt == "png" and _pypng is not None else 8
+    return 16 if pic.bits == 16 and fmt == "png" else 8
 
 
 def new_output(height: int, width: int, pic: Picture, bits: int) -> np.ndarray:
@@ -238,14 +240,15 @@ def output_name(source: str | os.PathLike, label: str, scale: int, fmt: str) -> 
 def write_picture(path: str | os.PathLike, pixels: np.ndarray, fmt: str, icc: bytes | None = None) -> None:
     """Write ``pixels`` (H, W, C) uint8/uint16, C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA.
 
-    ``path`` may be a temp name (the format comes from ``fmt``, not the suffix).  JPEG has
-    no alpha channel: it is dropped there.
+    ``path`` may be a temp name (the format comes from ``fmt``, not the suffix).  PNG is
+    written by :func:`write_png` (any depth, streaming); JPEG/WebP through Pillow, 8-bit.
+    JPEG has no alpha channel: it is dropped there.
     """
-    if pixels.dtype == np.uint16:
-        if fmt != "png":
-            raise ValueError("16-bit output is PNG only")
-        _write_png16(path, pixels, icc)
+    if fmt == "png":
+        write_png(path, pixels, icc)
         return
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"{fmt} output is 8-bit only")
     channels = pixels.shape[2]
     if fmt == "jpg" and channels in (2, 4):
         pixels = pixels[..., : channels - 1]
@@ -257,23 +260,49 @@ def write_picture(path: str | os.PathLike, pixels: np.ndarray, fmt: str, icc: by
     options: dict = {"icc_profile": icc} if icc else {}
     if fmt == "jpg":
         options.update(quality=95, subsampling=0)
-    elif fmt == "webp":
+    else:
         options.update(quality=95, method=4)
-    elif fmt == "png":
-        options.update(compress_level=1)  # big outputs: speed over the last few % of size
     im.save(path, format=FORMATS[fmt], **options)
 
 
-def _write_png16(path, pixels: np.ndarray, icc: bytes | None) -> None:
+_PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey+alpha, RGB, RGBA
+_PNG_ROWS_PER_CHUNK = 256
+
+
+def write_png(path: str | os.PathLike, pixels: np.ndarray, icc: bytes | None = None, level: int = 1) -> None:
+    """A PNG of (H, W, C) uint8/uint16 ``pixels``, streamed from the array.
+
+    Pillow would first copy a large image into its own 4-bytes-per-pixel buffer (0.8 GB
+    for a 192-MP RGB output) and has no 16-bit RGB mode; this writes rows in chunks with
+    the PNG "Sub" filter (one vectorised subtraction) and zlib ``level`` 1 (speed over
+    the last few percent of size).
+    """
     h, w, c = pixels.shape
-    writer = _pypng.Writer(width=w, height=h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16, compression=1)
-    buf = io.BytesIO()
-    writer.write(buf, pixels.reshape(h, w * c))
-    chunks = list(_pypng.Reader(bytes=buf.getvalue()).chunks())
-    if icc:  # pypng writes no iCCP: insert it after IHDR (it must precede IDAT)
-        chunks.insert(1, (b"iCCP", b"icc\x00\x00" + zlib.compress(icc)))
+    depth = 16 if pixels.dtype == np.uint16 else 8
+    data = pixels.astype(">u2", copy=False) if depth == 16 else pixels
+    bpp = c * depth // 8  # bytes per pixel: the Sub filter's distance
     with open(path, "wb") as f:
-        _pypng.write_chunks(f, chunks)
+        f.write(b"\x89PNG\r\n\x1a\n")
+        _png_chunk(f, b"IHDR", struct.pack(">IIBBBBB", w, h, depth, _PNG_COLOUR_TYPE[c], 0, 0, 0))
+        if icc:
+            _png_chunk(f, b"iCCP", b"icc\x00\x00" + zlib.compress(icc))
+        z = zlib.compressobj(level)
+        for top in range(0, h, _PNG_ROWS_PER_CHUNK):
+            rows = np.ascontiguousarray(data[top : top + _PNG_ROWS_PER_CHUNK]).view(np.uint8).reshape(-1, w * bpp)
+            filtered = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
+            filtered[:, 0] = 1  # filter type Sub: each byte minus the same byte of the pixel to its left
+            filtered[:, 1 : 1 + bpp] = rows[:, :bpp]
+            np.subtract(rows[:, bpp:], rows[:, :-bpp], out=filtered[:, 1 + bpp :])
+            piece = z.compress(filtered.tobytes())
+            if piece:
+                _png_chunk(f, b"IDAT", piece)
+        _png_chunk(f, b"IDAT", z.flush())
+        _png_chunk(f, b"IEND", b"")
+
+
+def _png_chunk(f, kind: bytes, payload: bytes) -> None:
+    f.write(struct.pack(">I", len(payload)) + kind + payload)
+    f.write(struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
 
 
 def find_images(paths) -> list[Path]:
