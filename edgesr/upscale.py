@@ -9,7 +9,7 @@ ones written, and the exit code is 2 when anything failed.
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +258,8 @@ def register(app) -> None:
                                               "(default: the artifact's own; torch with --weights)."),
         fmt: str = typer.Option("png", "--format", help="png | jpg | webp (16-bit inputs stay 16-bit in png)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (default: skip them)."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-image results (sizes, tiles, "
+                                                "seconds, output MP/s) and the failures as JSON."),
     ) -> None:
         """Upscale photos of any size with tiling; bad inputs are listed, good ones written (exit 2 if any failed)."""
         from .io import check_output_path
@@ -270,9 +272,15 @@ def register(app) -> None:
         if not inputs:
             raise EdgeSRError("give at least one INPUT image or folder after the artifact")
         check_output_path(output, *([artifact, weights] + list(inputs)), directory=True)
+        if json_out is not None:
+            check_output_path(json_out, *([artifact, weights] + list(inputs)))
         up = open_upscaler(artifact, weights, runtime, threads, parse_tile(tile), overlap)
         summary = run_with_progress(up, inputs, output, fmt, overwrite, err)
         print_summary(summary, up, out, err, escape)
+        if json_out is not None:
+            from .io import atomic_write_text
+
+            atomic_write_text(json_out, json.dumps(summary_dict(summary, up), indent=2) + "\n")
         if summary.failed:
             raise EdgeSRError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.written) + len(summary.skipped)} "
                               "input(s) failed (listed above)")
@@ -305,6 +313,18 @@ def run_with_progress(up: Upscaler, inputs, output: Path, fmt: str, overwrite: b
         if jobs:
             progress.advance(images)
     return summary
+
+
+def summary_dict(summary: Summary, up: Upscaler) -> dict:
+    images = []
+    for job, (h, w), tiles, seconds in summary.written:
+        mpix = up.scale * up.scale * h * w / 1e6
+        images.append({"input": str(job.source), "output": str(job.output), "input_hw": [h, w],
+                       "output_hw": [up.scale * h, up.scale * w], "tiles": tiles, "seconds": seconds,
+                       "output_mpix_s": mpix / seconds if seconds > 0 else None})
+    return {"runtime": up.runtime, "model": up.label, "scale": up.scale, "images": images,
+            "skipped": [str(j.output) for j in summary.skipped],
+            "failed": [{"input": str(src), "error": message} for src, message in summary.failed]}
 
 
 def print_summary(summary: Summary, up: Upscaler, out, err, escape) -> None:
