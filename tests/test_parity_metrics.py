@@ -102,12 +102,16 @@ def test_fp32_threshold_boundaries():
     assert not t.passes(compare(ref, ref + 1.1e-4))
 
 
-def test_placeholders_are_labelled_unused():
+def test_reduced_precision_thresholds_are_in_use_and_looser_than_fp32():
     assert set(THRESHOLDS) == {"fp32", "fp16", "int8"}
     for p in ("fp16", "int8"):
         t = threshold_for(p)
-        assert not t.in_use and "not used" in t.note
+        assert t.in_use and t.min_psnr_db is not None
         assert t.max_abs > THRESHOLDS["fp32"].max_abs
+    # calibrated int8 is gated on real images only; noise is reported
+    assert not threshold_for("int8").gates("random(seed=0) 64x64")
+    assert threshold_for("int8").gates("photo:astronaut 64x64")
+    assert threshold_for("fp16").gates("random(seed=0) 64x64")
     with pytest.raises(ValueError, match="unknown precision"):
         threshold_for("bf16")
 

@@ -1,0 +1,555 @@
+"""Reduced-precision artifacts: fp16 and calibrated int8 ONNX, derived from the fp32 export.
+
+The pipeline exports and checks fp32 first; this module rewrites that file:
+
+- **fp16** (``to_fp16_onnx``): weights and compute in float16, the artifact's float32
+  ``input``/``output`` kept (the contract does not change; casts sit inside the graph).
+  Before converting, an *overflow audit* runs the fp32 graph on real photographs and on
+  extreme inputs (all white, all black, noise) with every intermediate tensor exposed and
+  keeps in fp32 each node whose output peak leaves fp16's safe range (65504 / headroom):
+  SPAN's x255 normalisation, SoftPool exponentials, DFT DC bins, LayerNorm variances and
+  attention logits are found by measurement, not by name.  The converted graph must be
+  finite on the same extreme inputs.
+- **int8** (``to_int8_onnx``): onnxruntime static QDQ quantization (per-channel int8
+  weights, uint8 activations) calibrated on real images, then *accuracy-driven mixed
+  precision*: the quality drop is measured as Y-PSNR vs ground truth on the calibration
+  images (each downscaled bicubically by the model's scale, the original as ground
+  truth); if it exceeds ``max_psnr_drop`` every quantized node's float fallback is tried
+  alone and the nodes that recover most are kept in float, greedily, until the drop is
+  within budget.  The report lists every float-kept node with the dB it recovered.
+
+TFLite reduced precision is not implemented yet (``check_request`` refuses it with one line).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import EdgeSRError, ExportError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+FP16_MAX = 65504.0
+# A node whose fp32 output peak exceeds FP16_MAX / FP16_HEADROOM on any audit input stays
+# fp32: fp16 rounding moves intermediate values, and other images may peak higher.
+FP16_HEADROOM = 8.0
+DEFAULT_MAX_PSNR_DROP = 0.15
+# The probe (4 photographs) under-estimates the drop on held-out images: PlainUSR-U x4 int8
+# measured 0.135 dB on the probe and 0.24 dB on Set5.  Mixed precision therefore aims at
+# PROBE_MARGIN x the budget on the probe.
+PROBE_MARGIN = 0.5
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Largest low-resolution side fed to a dynamic graph during calibration/quality probes.
+MAX_CALIBRATION_SIDE = 128
+
+
+class CalibrationError(EdgeSRError):
+    """``--calibration`` does not give usable images."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def check_request(fmt: str, precision: str, calibration: str | os.PathLike | None, max_psnr_drop: float | None) -> None:
+    """Refuse impossible combinations before any work (one line, exit 2, no artifact)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if fmt != "onnx" and precision != "fp32":
+        raise ExportError(f"--precision {precision} is implemented for ONNX only so far; "
+                          "TFLite artifacts are fp32 (issue 16)")
+    if precision != "int8" and calibration is not None:
+        raise ExportError("--calibration only applies to --precision int8")
+    if max_psnr_drop is not None and (precision != "int8" or not max_psnr_drop > 0):
+        raise ExportError("--max-psnr-drop applies to --precision int8 and must be a positive number of dB")
+    if precision == "int8" and calibration is not None:
+        load_calibration(calibration)  # fail early on an unusable folder
+
+
+# --------------------------------------------------------------------------- calibration images
+
+
+@dataclass
+class CalibrationSet:
+    images: list[np.ndarray]  # (H, W, 3) uint8 RGB, the ground truth of the quality probe
+    source: str
+
+    def summary(self) -> dict:
+        shapes = [f"{im.shape[0]}x{im.shape[1]}" for im in self.images]
+        return {"source": self.source, "count": len(self.images), "sizes": shapes}
+
+
+def load_calibration(directory: str | os.PathLike | None) -> CalibrationSet:
+    """Every readable image of ``directory`` (default: the photographs edgesr ships)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data import IMAGE_DIR
+
+    d = Path(directory) if directory is not None else IMAGE_DIR
+    if not d.is_dir():
+        raise CalibrationError(f"calibration folder not found: {d}")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise CalibrationError(f"no calibration images ({'/'.join(IMAGE_SUFFIXES)}) in {d}")
+    images, bad = [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (OSError, UnidentifiedImageError, ValueError):
+            bad.append(p.name)
+    if not images:
+        raise CalibrationError(f"none of the {len(files)} calibration images in {d} can be read (e.g. {bad[0]})")
+    source = "edgesr shipped photographs" if directory is None else str(d)
+    if bad:
+        source += f" ({len(bad)} unreadable skipped)"
+    return CalibrationSet(images, source)
+
+
+def _bicubic_down(hr: np.ndarray, scale: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = hr.shape[0] // scale, hr.shape[1] // scale
+    return np.asarray(Image.fromarray(hr).resize((w, h), Image.BICUBIC), dtype=np.uint8)
+
+
+# HR zoom levels of the quality probe: each calibration image is also shrunk (bicubic) before
+# it serves as ground truth, which sharpens it; a probe of the photographs at one zoom
+# under-estimated the Set5 drop of int8 graphs several-fold.
+PROBE_ZOOMS = (1.0, 0.75, 0.5)
+
+
+def quality_pairs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(LR NCHW float32 [0,1], HR uint8 HWC) pairs: HR from a calibration image (at each of
+    ``PROBE_ZOOMS``), LR its bicubic downscale.  ``input_size`` None (dynamic graph): at most
+    ``MAX_CALIBRATION_SIDE`` LR pixels a side; otherwise exactly the artifact's size (images
+    smaller than size x scale are upscaled first by :func:`fit_image`, so zooms repeat)."""
+    from PIL import Image
+
+    from ..data import fit_image
+
+    pairs = []
+    zooms = PROBE_ZOOMS if input_size is None else (1.0,)
+    for img in calib.images:
+        for zoom in zooms:
+            src = img
+            if zoom != 1.0:
+                size = (max(scale, round(img.shape[1] * zoom)), max(scale, round(img.shape[0] * zoom)))
+                src = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC), dtype=np.uint8)
+            if input_size is None:
+                h = min(src.shape[0] // scale, MAX_CALIBRATION_SIDE)
+                w = min(src.shape[1] // scale, MAX_CALIBRATION_SIDE)
+            else:
+                h, w = input_size
+            hr = fit_image(src.astype(np.float32) / 255.0, h * scale, w * scale)
+            hr = (hr * 255.0).round().astype(np.uint8)
+            lr = _bicubic_down(hr, scale)
+            pairs.append((np.ascontiguousarray(lr.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0, hr))
+    return pairs
+
+
+def calibration_inputs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None) -> list[np.ndarray]:
+    """NCHW float32 inputs of one size for the calibrator (histogram methods need one shape):
+    each calibration image itself taken as a low-resolution input (tiles of the artifact size,
+    or for a dynamic graph of the probe's LR size) plus the probe's own LR images."""
+    from ..data import fit_image
+
+    probe = [lr for lr, _ in quality_pairs(calib, scale, input_size)]
+    h, w = input_size or (min(x.shape[2] for x in probe), min(x.shape[3] for x in probe))
+    out = []
+    for img in calib.images:
+        f = img.astype(np.float32) / 255.0
+        if f.shape[0] < h or f.shape[1] < w:
+            f = fit_image(f, h, w)
+        for top in range(0, f.shape[0] - h + 1, h):
+            for left in range(0, f.shape[1] - w + 1, w):
+                out.append(np.ascontiguousarray(f[top : top + h, left : left + w].transpose(2, 0, 1)[None]))
+    for x in probe:
+        t, l = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+        out.append(np.ascontiguousarray(x[:, :, t : t + h, l : l + w]))
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def y_psnr(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+    """Y-channel (BT.601) PSNR of uint8 HWC images with ``shave`` border pixels ignored."""
+    try:  # the shared metric once `edgesr eval` lands it
+        from ..quality.metrics import psnr_ssim_y  # type: ignore
+
+        return float(psnr_ssim_y(sr, hr, shave)[0])
+    except ImportError:
+        pass
+
+    def luma(a):
+        a = a.astype(np.float64)
+        return 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
+
+    ys, yh = luma(sr), luma(hr)
+    if shave:
+        ys, yh = ys[shave:-shave, shave:-shave], yh[shave:-shave, shave:-shave]
+    mse = float(np.mean((ys - yh) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def to_uint8(nchw: np.ndarray) -> np.ndarray:
+    return (np.clip(nchw[0].transpose(1, 2, 0), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- onnxruntime helpers
+
+
+def _session(model, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else str(model),
+                                opts, providers=["CPUExecutionProvider"])
+
+
+def mean_y_psnr(model, pairs: Sequence[tuple[np.ndarray, np.ndarray]], scale: int) -> float:
+    sess = _session(model, threads=os.cpu_count() or 1)
+    vals = [y_psnr(to_uint8(sess.run(None, {"input": lr})[0]), hr, scale) for lr, hr in pairs]
+    return float(np.mean(vals))
+
+
+def extreme_inputs(h: int, w: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """All white, all black and uniform noise: the inputs that find overflow real photos miss."""
+    return {
+        "white": np.ones((1, 3, h, w), np.float32),
+        "black": np.zeros((1, 3, h, w), np.float32),
+        "noise": np.random.default_rng(seed).random((1, 3, h, w), dtype=np.float32),
+    }
+
+
+def activation_peaks(proto, inputs: Iterable[np.ndarray], chunk: int = 24) -> dict[str, float]:
+    """max |value| of every float node output over ``inputs`` (fp32 graph), in chunks of
+    ``chunk`` exposed tensors per session so that a 256x256 audit stays within memory."""
+    import onnx
+
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    names = [o for n in proto.graph.node for o in n.output
+             if o and types.get(o, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+    peaks = {n: 0.0 for n in names}
+    inputs = list(inputs)
+    for start in range(0, len(names), chunk):
+        part = names[start : start + chunk]
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        del m.graph.output[:]
+        m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in part)
+        for vi in m.graph.output:  # float outputs only; other types are dropped below
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        try:
+            sess = _session(m)
+        except Exception:  # a non-float tensor in the chunk: fall back to one tensor at a time
+            for n in part:
+                peaks.update(_single_peak(proto, n, inputs))
+            continue
+        for x in inputs:
+            for n, v in zip(part, sess.run(None, {"input": x})):
+                peaks[n] = max(peaks[n], _peak(v))
+    return peaks
+
+
+def _single_peak(proto, name: str, inputs) -> dict[str, float]:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        sess = _session(m)
+    except Exception:
+        return {}  # not a float tensor (shapes, indices): irrelevant to fp16 range
+    return {name: max(_peak(sess.run(None, {"input": x})[0]) for x in inputs)}
+
+
+def _peak(v: np.ndarray) -> float:
+    if v.size == 0 or not np.issubdtype(v.dtype, np.floating):
+        return 0.0
+    a = np.abs(v.astype(np.float64))
+    return float("inf") if not np.isfinite(a).all() else float(a.max())
+
+
+# --------------------------------------------------------------------------- fp16
+
+
+@dataclass
+class Fp16Report:
+    kept_fp32: dict[str, str]  # node name -> why
+    audit_inputs: list[str]
+    audit_size: list[int]
+    max_audit_peak: float
+    finite: dict[str, bool]  # fp16 output finite, per audit input
+    fp32_diverges_on: list[str]  # inputs whose fp32 output leaves fp16 range (not audited)
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_fp16_onnx(src: Path, dst: Path, audit_size: tuple[int, int], photos: Sequence[np.ndarray]) -> Fp16Report:
+    """fp32 ONNX ``src`` -> fp16 ONNX ``dst`` with fp32 I/O and overflow-prone nodes kept fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    t = time.perf_counter()
+    proto = onnx.load(str(src))
+    h, w = audit_size
+    cases = {**extreme_inputs(h, w), **{f"photo[{i}]": p for i, p in enumerate(photos)}}
+    limit = FP16_MAX / FP16_HEADROOM
+    out_name = proto.graph.output[0].name
+    peaks_per_case = {k: activation_peaks(proto, [x]) for k, x in cases.items()}
+    # An input on which the fp32 model's *output* itself leaves fp16 range (trained SAFMN++
+    # reaches 1e31 on uniform noise: its multiplicative modulation compounds per block) has
+    # no fp16 answer; blocking the whole cascade would not give one either.  Such inputs are
+    # reported, not audited.
+    diverging = sorted(k for k, pk in peaks_per_case.items() if not pk.get(out_name, 0.0) <= limit)
+    audited = {k: pk for k, pk in peaks_per_case.items() if k not in diverging}
+    peaks: dict[str, float] = {}
+    for pk in audited.values():
+        for name, v in pk.items():
+            peaks[name] = max(peaks.get(name, 0.0), v)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    kept = {producer[name].name: f"fp32 output peak {peak:.3g} > {limit:.0f} (fp16 max {FP16_MAX:.0f} / {FP16_HEADROOM:g})"
+            for name, peak in peaks.items() if peak > limit}
+    converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=sorted(kept) or None)
+    converted = repair_graph(converted)
+    sess = _session(converted)
+    finite = {k: bool(np.isfinite(sess.run(None, {"input": x})[0]).all()) for k, x in cases.items()}
+    bad = [k for k in audited if not finite[k]]
+    if bad:
+        raise ExportError(f"the fp16 graph produces NaN/inf on {', '.join(bad)} although the overflow audit "
+                          "kept every out-of-range node in fp32; export it as fp32")
+    onnx.save(converted, str(dst))
+    return Fp16Report(kept, list(audited), [h, w], max(peaks.values(), default=0.0), finite, diverging,
+                      round(time.perf_counter() - t, 2))
+
+
+def repair_graph(proto):
+    """Make a converter's output a valid graph: drop duplicate Cast nodes (the float16
+    converter inserts one per consumer, with the same output name, when a blocked op reads
+    a tensor twice), make node names unique and restore topological order (the input
+    casts are appended at the end)."""
+    import onnx
+
+    by_output: dict[tuple[str, ...], object] = {}
+    nodes = []
+    for n in proto.graph.node:
+        key = tuple(n.output)
+        if n.op_type == "Cast" and key in by_output:
+            first = by_output[key]
+            if list(first.input) != list(n.input) or list(first.attribute) != list(n.attribute):
+                raise ExportError(f"internal: two different casts write {key[0]}")
+            continue
+        by_output[key] = n
+        nodes.append(n)
+    seen: collections.Counter[str] = collections.Counter()
+    for n in nodes:
+        seen[n.name] += 1
+        if seen[n.name] > 1:
+            n.name = f"{n.name}__{seen[n.name]}"
+    available = {"", *(i.name for i in proto.graph.input), *(i.name for i in proto.graph.initializer)}
+    ordered, pending = [], nodes
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError(f"internal: converted graph has a cycle or dangling input at {rest[0].name}")
+        pending = rest
+    del proto.graph.node[:]
+    proto.graph.node.extend(ordered)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+# --------------------------------------------------------------------------- int8
+
+
+@dataclass
+class Int8Report:
+    calibration: dict
+    calibration_method: str
+    max_psnr_drop: float
+    fp32_y_psnr: float  # on the quality pairs (calibration images, bicubic LR)
+    all_int8_y_psnr: float
+    final_y_psnr: float
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why
+    quantized_nodes: int = 0
+    candidates_tried: int = 0
+    within_budget: bool = False
+    seconds: float = 0.0
+
+    @property
+    def drop(self) -> float:
+        return self.fp32_y_psnr - self.final_y_psnr
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["psnr_drop"] = round(self.drop, 4)
+        return d
+
+
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def to_int8_onnx(
+    src: Path,
+    dst: Path,
+    calib: CalibrationSet,
+    scale: int,
+    input_size: tuple[int, int] | None,
+    max_psnr_drop: float = DEFAULT_MAX_PSNR_DROP,
+    op_types: Sequence[str] = QUANTIZED_OPS,
+    log: Callable[[str], None] = lambda s: None,
+) -> Int8Report:
+    """Static QDQ int8 of ``src`` with the fewest float-kept nodes that meet ``max_psnr_drop``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod
+
+    t0 = time.perf_counter()
+    pairs = quality_pairs(calib, scale, input_size)
+    calib_x = calibration_inputs(calib, scale, input_size)
+    fp32 = onnx.load(str(src))
+    base = mean_y_psnr(fp32, pairs, scale)
+    candidates = [n.name for n in fp32.graph.node if n.op_type in op_types]
+    with tempfile.TemporaryDirectory(prefix="edgesr-int8-") as tmp:
+        tmpdir = Path(tmp)
+        trial = tmpdir / "trial.onnx"
+
+        def drop_with(exclude: Sequence[str], method, cache: Path) -> float:
+            _quantize(src, trial, calib_x, exclude, op_types, method, cache)
+            return base - mean_y_psnr(trial, pairs, scale)
+
+        # Pick the calibration method that loses least with everything quantized.
+        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+        drops = {k: drop_with([], m, tmpdir / f"{k}.json") for k, m in methods.items()}
+        name = min(drops, key=drops.get)
+        method, cache = methods[name], tmpdir / f"{name}.json"
+        log(f"all int8: drop {drops[name]:.3f} dB ({name}); others {drops}")
+        all_drop = drops[name]
+        kept: dict[str, str] = {}
+        tried = 0
+        current = all_drop
+        target = max_psnr_drop * PROBE_MARGIN
+        if all_drop > target:
+            recovery = {}
+            for c in candidates:
+                recovery[c] = all_drop - drop_with([c], method, cache)
+                tried += 1
+            # Individual recoveries interact; when the helpful ones are not enough the rest
+            # follow in the same order (worst case: everything float, the fp32 quality).
+            order = sorted(candidates, key=lambda c: -recovery[c])
+            for c in order:
+                kept[c] = f"float fallback alone recovers {recovery[c]:.3f} dB of {all_drop:.3f}"
+                current = drop_with(list(kept), method, cache)
+                log(f"keep {c} in float: drop {current:.3f} dB")
+                if current <= target:
+                    break
+        _quantize(src, dst, calib_x, list(kept), op_types, method, cache)
+    final = mean_y_psnr(dst, pairs, scale)
+    return Int8Report(calib.summary(), name, max_psnr_drop, round(base, 4), round(base - all_drop, 4), round(final, 4),
+                      kept, len(candidates) - len(kept), tried, base - final <= target,
+                      round(time.perf_counter() - t0, 2))
+
+
+def _quantize(src: Path, dst: Path, inputs: Sequence[np.ndarray], exclude, op_types, method, cache: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{"input": x} for x in inputs])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                    op_types_to_quantize=list(op_types), nodes_to_exclude=list(exclude),
+                    calibration_cache_path=str(cache))
+
+
+def metadata_entries(precision: str, report) -> dict[str, str]:
+    """What the artifact's metadata records about its precision."""
+    out = {"precision": precision}
+    if report is None:
+        return out
+    d = report.as_dict()
+    if precision == "fp16":
+        out["fp16_kept_fp32"] = json.dumps(d["kept_fp32"])
+    if precision == "int8":
+        out["int8_calibration"] = json.dumps(d["calibration"])
+        out["int8_kept_float"] = json.dumps(d["kept_float"])
+        out["int8_quality"] = json.dumps({k: d[k] for k in ("calibration_method", "fp32_y_psnr", "all_int8_y_psnr",
+                                                           "final_y_psnr", "psnr_drop", "max_psnr_drop",
+                                                           "within_budget")})
+    return out
+
+
+# --------------------------------------------------------------------------- pipeline entry
+
+
+def audit_size(size: tuple[int, int], dynamic: bool, multiple_of: int) -> tuple[int, int]:
+    """The fp16 audit runs at the artifact's size; a dynamic graph at most 64 px a side (the
+    audit exposes every intermediate tensor, and peaks of these local operators do not grow
+    with the image)."""
+    if not dynamic:
+        return size
+    m = max(1, multiple_of)
+    return tuple(max(-(-min(s, 64) // m) * m, m) for s in size)  # type: ignore[return-value]
+
+
+def reduce_precision(
+    artifact: Path,
+    precision: str,
+    *,
+    scale: int,
+    size: tuple[int, int],
+    dynamic: bool,
+    multiple_of: int = 1,
+    calibration: str | os.PathLike | None = None,
+    max_psnr_drop: float | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Rewrite the fp32 ONNX ``artifact`` in place at ``precision``; returns the precision
+    report (also written into the artifact's metadata)."""
+    from ..data import image_names, sample_input
+    from .metadata import write_metadata
+
+    if precision == "fp32":
+        write_metadata(artifact, metadata_entries("fp32", None))
+        return {"precision": "fp32"}
+    tmp = artifact.with_name(artifact.stem + f".{precision}.onnx")
+    try:
+        if precision == "fp16":
+            h, w = audit_size(size, dynamic, multiple_of)
+            photos = [sample_input(h, w, n) for n in image_names()]
+            report = to_fp16_onnx(artifact, tmp, (h, w), photos)
+        else:
+            calib = load_calibration(calibration)
+            report = to_int8_onnx(artifact, tmp, calib, scale, None if dynamic else size,
+                                  max_psnr_drop or DEFAULT_MAX_PSNR_DROP, log=log)
+        os.replace(tmp, artifact)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_metadata(artifact, metadata_entries(precision, report))
+    return {"precision": precision, **report.as_dict()}
