@@ -15,7 +15,8 @@ Keys written by the exporters (all values are strings):
 inside the graph),
 ``input_name``/``output_name``, ``input_shape`` (JSON list; symbolic dims as names),
 ``dynamic`` (true|false), ``multiple_of``, ``min_size``; plus whatever the caller passes
-(model, variant, scale, parity, ...).  ``receptive_field`` (from the export pipeline): the
+(model, variant, scale, config -- the JSON of the full model config, which rebuilds custom
+configs read from a checkpoint -- parity, ...).  ``receptive_field`` (from the export pipeline): the
 model's receptive-field radius in input px, or ``unbounded``; tiled upscaling derives its
 default overlap from it.
 """
