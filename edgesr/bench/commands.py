@@ -80,6 +80,7 @@ def register(app: typer.Typer) -> None:
         variant: Optional[str] = typer.Option(None, "--variant"),
         scale: Optional[int] = typer.Option(None, "--scale"),
         weights: Optional[Path] = typer.Option(None, "--weights", "-w", help="Checkpoint (default: seeded random)."),
+        state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper: params or params_ema."),
         runtimes: Optional[str] = typer.Option(
             None, "--runtimes",
             help="Comma list of torch-train, torch-trainmode, torch-folded, torch-deploy, onnxruntime, litert "
@@ -116,7 +117,7 @@ def register(app: typer.Typer) -> None:
             if artifacts:
                 doc = bench_artifacts(artifacts, settings, progress)
             else:
-                doc = bench_model(model, variant, scale, weights, settings, progress)
+                doc = bench_model(model, variant, scale, weights, settings, progress, state_key=state_key)
             local.append(doc)
             if json_out:
                 atomic_write_text(json_out, json.dumps(doc, indent=2) + "\n")

@@ -143,19 +143,19 @@ def bench_artifacts(paths: Sequence[str | os.PathLike], settings: BenchSettings,
 
 def bench_model(name: str | None, variant: str | None = None, scale: int | None = None,
                 weights: str | os.PathLike | None = None, settings: BenchSettings | None = None,
-                progress: Progress | None = None) -> dict:
+                progress: Progress | None = None, state_key: str | None = None) -> dict:
     """Benchmark a registered model: torch forms in eager mode, exported artifacts per size."""
     from ..pipeline import check_size, obtain_model
 
     settings = settings or BenchSettings()
-    loaded = obtain_model(name, variant, scale, weights)
+    loaded = obtain_model(name, variant, scale, weights, state_key=state_key)
     spec = loaded.spec
     runtimes = list(settings.runtimes or DEFAULT_MODEL_RUNTIMES)
     sizes = list(settings.sizes or [_round_size(DEFAULT_SIZE, spec.size_rule.multiple_of, spec.size_rule.min_size)])
     for hw in sizes:
         check_size(spec, hw)
     model_spec = {"name": spec.name, "variant": loaded.variant, "scale": loaded.scale,
-                  "weights": str(Path(weights).resolve()) if weights else None, "seed": 0}
+                  "weights": str(Path(weights).resolve()) if weights else None, "seed": 0, "state_key": state_key}
     label = f"{spec.name} {loaded.variant} x{loaded.scale}"
     tmp = tempfile.TemporaryDirectory(prefix="edgesr-bench-")
     plan = _Plan()

@@ -83,7 +83,7 @@ def torch_model(spec: dict, form: str):
     from ..reparam import deploy, fold
 
     loaded = obtain_model(spec["name"], spec.get("variant"), spec.get("scale"), spec.get("weights"),
-                          seed=spec.get("seed", 0))
+                          seed=spec.get("seed", 0), state_key=spec.get("state_key"))
     model = loaded.model.eval()
     if form == "trainmode":
         return _TrainMode(model), loaded.spec.input_range
