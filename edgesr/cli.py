@@ -88,6 +88,9 @@ def export_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact path (default edgesr-out/...)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads for verification."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (ONNX; fp32 I/O kept)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="int8: folder of real images (default: the shipped photos)."),
+    max_psnr_drop: Optional[float] = typer.Option(None, "--max-psnr-drop", help="int8: allowed Y-PSNR loss in dB (default 0.15); layers stay float until met."),
 ) -> None:
     """Export a model to ONNX or TFLite and verify it against the train-form PyTorch model."""
     from .io import refuse_output_overlapping_inputs
@@ -104,7 +107,9 @@ def export_cmd(
     if output is not None:
         for path in export_outputs(output):
             refuse_output_overlapping_inputs(path, weights)
+    from .export.precision import check_request
 
+    check_request(fmt.value, precision, calibration, max_psnr_drop)
     if model is not None:  # validate flags before loading anything (the checkpoint is checked on load)
         plan_export(get_spec(model), fmt.value, size, dynamic, output, variant, scale)
     t = time.perf_counter()
@@ -116,7 +121,8 @@ def export_cmd(
     else:
         err.print(f"[dim]weights: {escape(str(loaded.source))}[/]")
     result = export_model(loaded, fmt.value, size=size, dynamic=dynamic, output=output,
-                          verify=not no_verify, threads=threads, progress=_stage_printer())
+                          verify=not no_verify, threads=threads, progress=_stage_printer(),
+                          precision=precision, calibration=calibration, max_psnr_drop=max_psnr_drop)
     _print_parity_summary(result.report)
     out.print(f"artifact: {escape(str(result.artifact))}")
     out.print(f"report:   {escape(str(result.report_json))}  ({escape(result.report_md.name)})")
@@ -125,7 +131,8 @@ def export_cmd(
 
         out.print(f"upscaled: {escape(str(upscale_sample(result.artifact)))}")
     if result.passed is False:
-        err.print("[red]error:[/] parity FAILED: the artifact does not match PyTorch within the fp32 threshold; "
+        err.print("[red]error:[/] parity FAILED: the artifact does not match PyTorch within the "
+                  f"{precision} threshold; "
                   "it is kept for inspection and marked failed in its report and metadata")
         raise typer.Exit(1)
 
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     received: list[Interrupted] = []
     previous = _raise_on_termination_signals(received)
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="edgesr")  # also under python -m / pytest
         if received:  # typer turns the KeyboardInterrupt into a plain return code 130
             return _interrupted(received[0])
     except typer.Exit as e:

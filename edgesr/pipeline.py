@@ -232,7 +232,8 @@ def parity_inputs(settings: VerifySettings) -> list[tuple[str, np.ndarray]]:
     return cases
 
 
-def verify_artifact(artifact: Path, reference: nn.Module, input_range: float, settings: VerifySettings, fmt: str):
+def verify_artifact(artifact: Path, reference: nn.Module, input_range: float, settings: VerifySettings, fmt: str,
+                    precision: str = "fp32"):
     """Run the artifact on its real runtime against the train-form PyTorch model."""
     from .runtime.parity import ParityCase, ParityReport, compare, threshold_for
     from .runtime.runners import TorchRunner, open_runner
@@ -240,14 +241,15 @@ def verify_artifact(artifact: Path, reference: nn.Module, input_range: float, se
     ref_runner = TorchRunner(reference, input_range=input_range)
     with captured_output():  # runtimes log delegate creation on stderr
         art_runner = open_runner(artifact, threads=settings.threads)
+    gate = threshold_for(precision)
     cases = []
     for label, x in parity_inputs(settings):
         ref = ref_runner.run(x)
         out = art_runner.run(x)
         m = compare(ref, out)
         cases.append(ParityCase(input=label, size=tuple(x.shape[2:]), reference=ref_runner.name,
-                                candidate=art_runner.name, metrics=m, passed=threshold_for("fp32").passes(m)))
-    return ParityReport(artifact=str(artifact.name), format=fmt, precision="fp32", cases=cases,
+                                candidate=art_runner.name, metrics=m, passed=gate.passes(m) or not gate.gates(label)))
+    return ParityReport(artifact=str(artifact.name), format=fmt, precision=precision, cases=cases,
                         versions=runtime_versions())
 
 
@@ -324,14 +326,21 @@ def export_model(
     verify: bool = True,
     threads: int | None = None,
     progress: Progress = _no_progress,
+    precision: str = "fp32",
+    calibration: str | os.PathLike | None = None,
+    max_psnr_drop: float | None = None,
 ) -> ExportOutcome:
-    """load -> fold -> make export-safe -> export -> verify, writing artifact + reports atomically."""
+    """load -> fold -> make export-safe -> export -> [reduce precision] -> verify, writing
+    artifact + reports atomically.  fp16/int8 rewrite the fp32 export (edgesr.export.precision)."""
+    from .export.metadata import write_metadata
     from .export.onnx import export_onnx
     from .export.tflite import export_tflite
-    from .export.metadata import write_metadata
 
     spec = loaded.spec
     size, out = plan_export(spec, fmt, size, dynamic, output, loaded.variant, loaded.scale)
+    from .export.precision import check_request
+
+    check_request(fmt, precision, calibration, max_psnr_drop)
     stage_seconds: dict[str, float] = {}  # also goes into the report
 
     def stage_done(stage: str, seconds: float) -> None:
@@ -390,12 +399,15 @@ def export_model(
                 raise ExportError(f"{fmt} export of {spec.name} failed: {type(e).__name__}: {first}") from e
         export_seconds = time.perf_counter() - t
         stage_done(f"export {fmt}", export_seconds)
+        precision_report = _reduce_precision(tmp_art, precision, loaded, size, dynamic, calibration,
+                                             max_psnr_drop, stage_done)
 
         report: dict = {
             "model": spec.name, "variant": loaded.variant, "scale": loaded.scale, "format": fmt,
             "input_size": meta["input_size"], "weights": loaded.source, "random_init": loaded.random_init,
             "fold": fold_report.as_dict(), "export": _result_dict(result), "export_seconds": round(export_seconds, 2),
             "versions": runtime_versions(), "stage_seconds": stage_seconds,
+            "precision": precision_report,
         }
         passed: bool | None = None
         parity = None
@@ -405,7 +417,7 @@ def export_model(
             if dynamic:
                 sizes.append(_second_size(spec, size))
             parity = verify_artifact(tmp_art, loaded.model, spec.input_range,
-                                     VerifySettings(sizes=sizes, threads=threads), fmt)
+                                     VerifySettings(sizes=sizes, threads=threads), fmt, precision)
             stage_done("verify", time.perf_counter() - t)
             passed = parity.passed
             report["parity"] = json.loads(parity.to_json())  # strict JSON: inf PSNR as "inf"
@@ -430,6 +442,19 @@ def export_model(
         shutil.rmtree(tmpdir, ignore_errors=True)
         remove_empty_dirs(made)  # only a failed run's folders are empty
     return ExportOutcome(out, json_path, md_path, passed, report)
+
+
+def _reduce_precision(artifact, precision, loaded, size, dynamic, calibration, max_psnr_drop, stage_done) -> dict:
+    """fp16/int8: rewrite the fp32 export in place (no-op record for fp32)."""
+    from .export.precision import reduce_precision
+
+    t = time.perf_counter()
+    report = reduce_precision(artifact, precision, scale=loaded.scale, size=size, dynamic=dynamic,
+                              multiple_of=loaded.spec.size_rule.multiple_of, calibration=calibration,
+                              max_psnr_drop=max_psnr_drop)
+    if precision != "fp32":
+        stage_done(f"{precision} conversion", time.perf_counter() - t)
+    return report
 
 
 def _final_paths(obj, tmpdir: Path, final_dir: Path):

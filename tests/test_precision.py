@@ -1,0 +1,159 @@
+"""Reduced precision (issue 16): fp16 and calibrated int8 ONNX from released checkpoints,
+gated on Set5 Y-PSNR against the fp32 artifact, finite on extreme inputs, bad input refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgesr.cli import main
+from edgesr.export.metadata import read_metadata
+from edgesr.export.precision import FP16_MAX, extreme_inputs, reduce_precision
+from edgesr.pipeline import export_model, obtain_model
+from edgesr.quality.engine import artifact_form, evaluate
+from edgesr.runtime.runners import open_runner
+
+CKPT = Path("/work/shared/checkpoints")
+SET5 = Path("/work/shared/datasets/Set5")
+FP16_MAX_DROP_DB = 0.02  # issue 16 gate, Y-PSNR vs the fp32 artifact on Set5
+INT8_MAX_DROP_DB = 0.15
+
+# small released checkpoints, one per family that has them
+FP16_CHECKPOINTS = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth", "team23_safmnpp.pth"]
+INT8_CHECKPOINTS = ["PlainUSRU_Rep_x4.pth"]
+
+
+@pytest.fixture(scope="module")
+def fp32_artifacts(tmp_path_factory):
+    """One dynamic fp32 ONNX export per checkpoint, shared by the tests of this module."""
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("fp32")
+
+    def get(checkpoint: str) -> Path:
+        if checkpoint not in cache:
+            loaded = obtain_model(None, weights=CKPT / checkpoint)
+            out = root / (Path(checkpoint).stem + ".onnx")
+            export_model(loaded, "onnx", size=(64, 64), dynamic=True, output=out, verify=False)
+            cache[checkpoint] = out
+        return cache[checkpoint]
+
+    return get
+
+
+def set5_y(path: Path) -> tuple[float, float]:
+    m = evaluate(artifact_form(path, threads=2), SET5).mean
+    return m["psnr_y"], m["ssim_y"]
+
+
+def reduced_copy(src: Path, precision: str, tmp_path: Path, **kw) -> tuple[Path, dict]:
+    dst = tmp_path / f"{src.stem}_{precision}.onnx"
+    shutil.copy(src, dst)
+    meta = read_metadata(src)
+    report = reduce_precision(dst, precision, scale=int(meta["scale"]), size=(64, 64), dynamic=True,
+                              multiple_of=int(meta.get("multiple_of", 1)), **kw)
+    return dst, report
+
+
+def initializer_types(path: Path) -> set[int]:
+    return {t.data_type for t in onnx.load(str(path)).graph.initializer if len(t.dims) == 4}
+
+
+@pytest.mark.parametrize("checkpoint", FP16_CHECKPOINTS)
+def test_fp16_onnx_within_0_02_db_of_fp32_on_set5(checkpoint, fp32_artifacts, tmp_path):
+    src = fp32_artifacts(checkpoint)
+    dst, report = reduced_copy(src, "fp16", tmp_path)
+    # fp16 weights, fp32 I/O (the artifact contract)
+    assert initializer_types(dst) == {onnx.TensorProto.FLOAT16}
+    graph = onnx.load(str(dst)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert read_metadata(dst)["precision"] == "fp16"
+    p32, _ = set5_y(src)
+    p16, _ = set5_y(dst)
+    assert p32 - p16 <= FP16_MAX_DROP_DB, (checkpoint, p32, p16)
+    assert report["finite"] and all(report["finite"][k] for k in report["audit_inputs"])
+
+
+@pytest.mark.parametrize("checkpoint", ["team38_span_ch28_slim.pth", "PlainUSRU_Rep_x4.pth"])
+def test_fp16_is_finite_on_extreme_inputs(checkpoint, fp32_artifacts, tmp_path):
+    dst, _ = reduced_copy(fp32_artifacts(checkpoint), "fp16", tmp_path)
+    runner = open_runner(dst)
+    for name, x in extreme_inputs(40, 48).items():
+        y = runner.run(x)
+        assert np.isfinite(y).all(), name
+
+
+def test_fp16_reports_inputs_where_fp32_itself_leaves_fp16_range(fp32_artifacts, tmp_path):
+    """Trained SAFMN++ compounds its modulation on uniform noise (fp32 output ~1e31): no fp16
+    graph can answer there, so the audit reports the input instead of blocking the network."""
+    src = fp32_artifacts("team23_safmnpp.pth")
+    _, report = reduced_copy(src, "fp16", tmp_path)
+    assert report["fp32_diverges_on"] == ["noise"]
+    y32 = open_runner(src).run(extreme_inputs(64, 64)["noise"])
+    assert np.abs(y32).max() > FP16_MAX
+    assert report["kept_fp32"] == {}  # photos, white and black stay in range everywhere
+
+
+def test_fp16_export_through_the_cli_passes_the_fp16_parity_gate(tmp_path):
+    out = tmp_path / "pu16.onnx"
+    rc = main(["export", "--weights", str(CKPT / "PlainUSRU_Rep_x4.pth"), "--format", "onnx",
+               "--input-size", "48x40", "--precision", "fp16", "-o", str(out)])
+    assert rc == 0
+    report = json.loads(out.with_suffix(".onnx.json").read_text())
+    assert report["parity"]["precision"] == "fp16" and report["passed"]
+    assert report["precision"]["precision"] == "fp16"
+    assert read_metadata(out)["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("checkpoint", INT8_CHECKPOINTS)
+def test_int8_onnx_within_budget_on_set5(checkpoint, fp32_artifacts, tmp_path):
+    src = fp32_artifacts(checkpoint)
+    dst, report = reduced_copy(src, "int8", tmp_path)
+    assert report["within_budget"] and report["psnr_drop"] <= INT8_MAX_DROP_DB
+    assert report["quantized_nodes"] >= 1  # something really is int8
+    assert onnx.TensorProto.INT8 in initializer_types(dst)
+    meta = read_metadata(dst)
+    assert meta["precision"] == "int8"
+    assert json.loads(meta["int8_calibration"])["count"] == 4
+    assert set(json.loads(meta["int8_kept_float"])) == set(report["kept_float"])
+    p32, s32 = set5_y(src)
+    p8, s8 = set5_y(dst)
+    assert p32 - p8 <= INT8_MAX_DROP_DB, (checkpoint, p32, p8)
+    assert s32 - s8 <= 0.005, (s32, s8)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--precision", "int8", "--calibration", "{empty}"], "no calibration images"),
+        (["--precision", "int8", "--calibration", "{garbage}"], "can be read"),
+        (["--precision", "int8", "--calibration", "{missing}"], "calibration folder not found"),
+        (["--precision", "fp16", "--format", "tflite"], "ONNX only"),
+        (["--precision", "fp16", "--calibration", "{empty}"], "only applies to --precision int8"),
+        (["--precision", "int8", "--max-psnr-drop", "0"], "positive"),
+        (["--precision", "bf16"], "unknown precision"),
+    ],
+)
+def test_bad_precision_requests_are_one_line_exit_2_no_artifact(extra, message, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "a.png").write_bytes(b"not a png")
+    (garbage / "b.jpg").write_bytes(b"\x00" * 64)
+    paths = {"empty": empty, "garbage": garbage, "missing": tmp_path / "nope"}
+    extra = [e.format(**paths) for e in extra]
+    out = tmp_path / "out" / ("m.tflite" if "tflite" in extra else "m.onnx")
+    args = ["export", "--weights", str(CKPT / "PlainUSRU_Rep_x4.pth"), "-o", str(out)]
+    if "--format" not in extra:
+        args += ["--format", "onnx"]
+    rc = main(args + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and not (tmp_path / "out").exists()
