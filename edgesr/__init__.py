@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .models import create_model, get_spec, load_model  # noqa: E402
-from .reparam import deploy, fold, make_export_safe  # noqa: E402
-
 __all__ = ["__version__", "create_model", "deploy", "fold", "get_spec", "load_model", "make_export_safe"]
+
+# Loaded on first use (PEP 562): commands that only run artifacts (upscale, bench of an
+# .onnx/.tflite) then never import PyTorch, which alone is ~300 MB of resident memory.
+_LAZY = {"create_model": "models", "get_spec": "models", "load_model": "models",
+         "deploy": "reparam", "fold": "reparam", "make_export_safe": "reparam"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,6 @@ The heavy back-ends (torch.onnx, litert-torch) are imported only when an exporte
 from __future__ import annotations
 
 from .metadata import artifact_format, read_metadata, write_metadata
-from .wrap import ExportResult, IOWrapper
 
 __all__ = [
     "ExportResult",
@@ -24,6 +23,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    # Lazy, like the exporters: reading an artifact's metadata (every runner does) must not
+    # import PyTorch (~300 MB resident), which .wrap needs.
+    if name in ("ExportResult", "IOWrapper"):
+        from . import wrap
+
+        return getattr(wrap, name)
     if name == "export_onnx":
         from .onnx import export_onnx
 
