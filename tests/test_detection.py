@@ -232,6 +232,11 @@ def test_what_does_not_fit_is_one_line_naming_the_closest_family(make, closest, 
         assert f"looks closest to {closest}:" in msg, msg
 
 
+def test_keys_of_no_family_say_so():
+    with pytest.raises(CheckpointError, match=r"its key names match no family \(first keys: foo, bar\)$"):
+        load_model({"foo": torch.zeros(1), "bar": torch.zeros(2)})
+
+
 def test_cli_refusal_is_one_line_exit_2(tmp_path, capsys):
     path = tmp_path / "resnet.pth"
     torch.save(_resnet_like(), path)

@@ -191,8 +191,9 @@ def _reference_keys(spec: ModelSpec) -> list[str]:
 _REFERENCE_KEYS: dict[str, list[str]] = {}
 
 
-def closest_family(sd: StateDict) -> tuple[ModelSpec, str]:
-    """The family whose default model's key names ``sd`` shares most, and its first differences."""
+def closest_family(sd: StateDict) -> tuple[ModelSpec, str] | None:
+    """The family whose default model's key names ``sd`` shares most, and its first differences
+    (``None`` when no family shares a single module name)."""
     mine = _key_tokens(sd)
 
     def score(spec: ModelSpec) -> tuple[float, int]:
@@ -201,6 +202,8 @@ def closest_family(sd: StateDict) -> tuple[ModelSpec, str]:
         return (len(mine & ref) / max(1, len(ref | mine)), exact)
 
     spec = max(all_specs(), key=score)
+    if score(spec) == (0.0, 0):
+        return None
     ref = _reference_keys(spec)
     missing = [k for k in ref if k not in sd][:3]
     unexpected = [str(k) for k in sd if k not in set(ref)][:3]
@@ -216,7 +219,11 @@ def _no_fit_message(label: str, sd: StateDict, misfits: list[tuple[ModelSpec, st
     if misfits:
         spec, why = misfits[0]
         return f"{label}: unrecognised architecture; looks closest to {spec.name}: first difference: {why}"
-    spec, diff = closest_family(sd)
+    closest = closest_family(sd)
+    if closest is None:
+        first = ", ".join(map(str, list(sd)[:4]))
+        return f"{label}: unrecognised architecture; its key names match no family (first keys: {first})"
+    spec, diff = closest
     return f"{label}: unrecognised architecture; looks closest to {spec.name}: first differences: {diff}"
 
 
