@@ -25,6 +25,12 @@ Official semantics reproduced here, quirks included:
   re-folds them so a saved state dict is self-consistent.
 - Deploy-only form (``ch28``, NTIRE24 team38): ``Conv3XC`` holds only ``eval_conv`` and
   always uses it; the stored values are authoritative.
+- ``norm=False`` (spandrel's ``no_norm``: the key is in the state dict) skips the
+  ``(x - mean) * 255`` normalisation, as spandrel's SPAN does.
+- Every hyperparameter is read off the shapes (``_read_config``): feature width, scale,
+  norm flag, deploy-only form, and a per-Conv3XC width table (in, out, inner widths) for
+  pruned checkpoints, checked against the forward's data flow (block residuals, the
+  ``conv_cat`` concatenation, the RGB pixel shuffle).  Non-RGB in/out is refused.
 
 Folds: ``Conv3XC -> nn.Conv2d(3x3, padding=1)``, exact including borders (the padded
 border pixels of the train path equal ``b1``, which is what the folded bias accounts
@@ -334,10 +340,6 @@ def _read_config(sd: StateDict) -> tuple[dict[str, Any], int] | None:
 
 
 _SIGNATURE = ("conv_1.eval_conv.weight", "block_1.c1_r.eval_conv.weight", "conv_cat.weight", "upsampler.0.weight")
-
-
-def _detect(sd: StateDict) -> tuple[str, int] | None:
-    return SPEC.detect(sd)
 
 
 def _after_load(model: nn.Module) -> None:
