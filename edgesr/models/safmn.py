@@ -1,8 +1,9 @@
 """SAFMN family: SAFMN / SAFMN-L (ICCV'23), SAFMN++ (NTIRE'24 ESR) and light SAFMN++ (AIS'24 RTSR).
 
 Train-time forms with the official state-dict keys and forward passes (quirks included),
-their exact export-safe rewrites and the one exact fold.  Two specs are registered,
-because the two families have different keys:
+their exact export-safe rewrites and the one exact fold.  Three specs are registered,
+because the families have different keys (every config is read off the shapes: dim,
+block count, ffn_scale from the CCM hidden width, scale from ``to_img``):
 
 ``safmn`` -- ``SAFMN(dim, n_blocks, ffn_scale, upscaling_factor)`` (``basicsr/archs/safmn_arch.py``)
     ``base``: dim 36, 8 blocks, ffn 2.0, x2/x3/x4 (227,820 / 232,695 / 239,520 params,
@@ -32,6 +33,14 @@ because the two families have different keys:
     ``x2 = GELU(x2) * x0``; ``out(GELU(cat[x1, x2]))`` -- **x1 first**.
     Only x4 SAFMN++ models were released; x2/x3 builds are allowed (the global skip uses
     the same bilinear ``scale_factor`` form) but x4 is the default.
+
+``safmn_ntire23`` -- the authors' NTIRE 2023 ESR entry (``NTIRE2023_ESR/models/team15_SAFMN.py``)
+    ``base``: dim 36, 8 blocks, ffn 2.0, x4 (62 tensors, 237,000 params).  One shared
+    ``GRN`` (``norm.gamma/beta``) after ``to_feat``; blocks without norms, SAFM and CCM
+    without biases; SAFM pools level i to ``h // 2**(i+1)`` (not ``2**i``); forward
+    ``to_img(feats(GRN(to_feat(x)))) + bilinear_up(x)`` (no feature-level residual).  The
+    deploy form's fixed windows go up to 16 px, hence its size rule ``multiple_of=16``.
+    Released checkpoint: Set5 x4 Y-PSNR 32.16 dB (``tests/test_detection.py``).
 
 Checkpoints: BasicSR dicts.  SAFMN's official inference reads ``params``; the NTIRE24
 SAFMN++ test reads ``params_ema``; the AIS24 light script reads ``params``.
