@@ -244,7 +244,7 @@ def register(app) -> None:
 
     @app.command("upscale")
     def upscale_cmd(
-        paths: List[Path] = typer.Argument(..., help="ARTIFACT INPUT... (or only INPUT... with --weights): "
+        paths: List[Path] = typer.Argument(..., metavar="[ARTIFACT] INPUT", help="ARTIFACT INPUT... (or only INPUT... with --weights): "
                                                       "image files or folders (searched recursively)."),
         output: Path = typer.Option(..., "--output", "-o", help="Folder for the upscaled images."),
         weights: Optional[Path] = typer.Option(None, "--weights", "-w",
