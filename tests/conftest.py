@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -32,3 +35,21 @@ def psnr(ref: torch.Tensor, out: torch.Tensor, peak: float = 1.0) -> float:
 
 
 ALL_IMAGES = image_names()
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """Run the real console entry point in a subprocess (as a user would): (rc, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "edgesr.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(rc, err, code=2, needle=None):
+    """Exactly one error line, and it is the last thing printed (progress lines may precede it)."""
+    assert rc == code, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith(("error:", "internal error:", "Error:", "Usage:", "interrupted"))]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    if needle:
+        assert needle in errors[0], errors[0]

@@ -2,35 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import edgesr
+from conftest import assert_one_line_error, run_cli
 from edgesr.cli import main
-
-
-def run_cli(*args, cwd=None):
-    """Run the real console entry point in a subprocess (as a user would)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgesr.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=600,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def assert_one_line_error(rc, err, code=2, needle=None):
-    """Exactly one error line, and it is the last thing printed (progress lines may precede it)."""
-    assert rc == code, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith(("error:", "internal error:", "Error:", "Usage:"))]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    assert "Traceback" not in err
-    if needle:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(
@@ -42,7 +21,7 @@ def assert_one_line_error(rc, err, code=2, needle=None):
         (["export", "--model", "safmn", "--format", "onnx", "--input-size", "30x30"], "divisible by 8"),
         (["export", "--model", "span", "--format", "tflite", "--dynamic"], "only supported for ONNX"),
         (["export", "--model", "span", "--format", "onnx", "--input-size", "abc"], "bad size"),
-        (["export", "--format", "onnx"], "--model"),
+        (["export", "--weights", "missing.pth", "--format", "onnx"], "not found"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
@@ -53,7 +32,7 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
 
 def test_unknown_format_is_usage_error(tmp_path):
     rc, out, err = run_cli("export", "--model", "span", "--format", "coreml")
-    assert rc == 2 and "Traceback" not in err
+    assert_one_line_error(rc, err, 2, "see `edgesr export --help`")
 
 
 def test_checkpoint_errors_via_cli(tmp_path):
@@ -112,9 +91,12 @@ def test_reparam_command_writes_loadable_deploy_checkpoint(tmp_path):
     assert out.exists() and "max-abs deviation" in stdout
 
 
-def test_models_lists_every_registered_variant():
-    rc = main(["models", "--no-macs"])
-    assert rc == 0
+def test_models_lists_every_registered_variant(capsys):
+    from edgesr.models.registry import all_specs
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert all(v.name in listing for spec in all_specs() for v in spec.variants)
 
 
 def test_parity_failure_exits_1_and_marks_the_artifact(tmp_path, monkeypatch, capsys):
