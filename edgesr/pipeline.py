@@ -449,9 +449,10 @@ def _reduce_precision(artifact, precision, loaded, size, dynamic, calibration, m
     from .export.precision import reduce_precision
 
     t = time.perf_counter()
-    report = reduce_precision(artifact, precision, scale=loaded.scale, size=size, dynamic=dynamic,
-                              multiple_of=loaded.spec.size_rule.multiple_of, calibration=calibration,
-                              max_psnr_drop=max_psnr_drop)
+    with captured_output():  # the quantizers print progress and size tables
+        report = reduce_precision(artifact, precision, scale=loaded.scale, size=size, dynamic=dynamic,
+                                  multiple_of=loaded.spec.size_rule.multiple_of, calibration=calibration,
+                                  max_psnr_drop=max_psnr_drop)
     if precision != "fp32":
         stage_done(f"{precision} conversion", time.perf_counter() - t)
     return report

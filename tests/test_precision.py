@@ -110,6 +110,23 @@ def test_fp16_export_through_the_cli_passes_the_fp16_parity_gate(tmp_path):
     assert read_metadata(out)["precision"] == "fp16"
 
 
+def test_fp16_tflite_within_0_02_db_of_fp32_on_set5(tmp_path):
+    """fp16 weights (ai-edge-quantizer FLOAT_CASTING), fp32 I/O; Set5 through 64x64 tiles."""
+    loaded = obtain_model(None, weights=CKPT / "PlainUSRU_Rep_x4.pth")
+    src = tmp_path / "pu.tflite"
+    export_model(loaded, "tflite", size=(64, 64), output=src, verify=False)
+    dst = tmp_path / "pu16.tflite"
+    shutil.copy(src, dst)
+    report = reduce_precision(dst, "fp16", scale=4, size=(64, 64), dynamic=False)
+    assert all(report["finite"].values()) and set(report["finite"]) == {"white", "black", "noise"}
+    assert dst.stat().st_size < 0.7 * src.stat().st_size  # weights really are 16-bit
+    meta = read_metadata(dst)
+    assert meta["precision"] == "fp16" and meta["model"] == "plainusr"  # edgesr metadata carried over
+    p32, _ = set5_y(src)
+    p16, _ = set5_y(dst)
+    assert p32 - p16 <= FP16_MAX_DROP_DB, (p32, p16)
+
+
 @pytest.mark.parametrize("checkpoint", INT8_CHECKPOINTS)
 def test_int8_onnx_within_budget_on_set5(checkpoint, fp32_artifacts, tmp_path):
     src = fp32_artifacts(checkpoint)
@@ -133,7 +150,7 @@ def test_int8_onnx_within_budget_on_set5(checkpoint, fp32_artifacts, tmp_path):
         (["--precision", "int8", "--calibration", "{empty}"], "no calibration images"),
         (["--precision", "int8", "--calibration", "{garbage}"], "can be read"),
         (["--precision", "int8", "--calibration", "{missing}"], "calibration folder not found"),
-        (["--precision", "fp16", "--format", "tflite"], "ONNX only"),
+        (["--precision", "int8", "--format", "tflite"], "ONNX only"),
         (["--precision", "fp16", "--calibration", "{empty}"], "only applies to --precision int8"),
         (["--precision", "int8", "--max-psnr-drop", "0"], "positive"),
         (["--precision", "bf16"], "unknown precision"),
