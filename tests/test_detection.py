@@ -107,6 +107,12 @@ def test_unusual_configs_are_read_off_shapes(make, family, label, scale, expecte
     size = 16 if family.startswith("safmn") else 12
     x = real_image(size, size + 4 if family != "safmn_ntire23" else size) * get_spec(family).input_range
     assert (loaded(x) - source(x)).abs().max().item() < 1e-6
+    # the deploy form (folds + export-safe rewrites) of a custom config is as exact as a known one's
+    spec = get_spec(family)
+    side = max(16, spec.size_rule.multiple_of)
+    x = real_image(side, side) * spec.input_range
+    ref = loaded(x)
+    assert ((edgesr.deploy(loaded, "onnx")(x) - ref).abs().max() / ref.abs().max().clamp_min(1)).item() < 1e-5
     # the label and config are enough to rebuild the same architecture (what artifact metadata carries)
     rebuilt = get_spec(family).build_config(info["config"], scale)
     assert rebuilt.edgesr_info["variant"] == label
