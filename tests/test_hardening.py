@@ -192,6 +192,8 @@ def _writing_commands(work, target: Path):
         ["reparam", "-w", work["ck"], "-o", target / "deploy.safetensors"],
         ["export", "-w", work["ck"], "-f", "onnx", "--input-size", "16x16", "--no-verify", "-o", target / "m.onnx"],
         ["parity", work["art"], "-w", work["ck"], "--json", target / "p.json"],
+        ["bench", work["art"], "--runs", "1", "--warmup", "0", "--threads", "1", "--no-peak",
+         "--json", target / "b.json", "--markdown", target / "b.md"],
         ["bundle", work["art"], "-o", target / "bundle"],
     ]
 
@@ -243,14 +245,19 @@ def test_failed_runs_create_no_output_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ck = tmp_path / "u.pth"
     shutil.copy(CHECKPOINT, ck)
-    for args in (["export", "-w", "missing.pth", "-f", "onnx"],
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(os.urandom(2048))
+    for args in (["bundle", bad, "-o", "n1/n2/bundle"],
+                 ["parity", bad, "--json", "n1/p.json"],
+                 ["reparam", "-w", bad, "-o", "n1/d.safetensors"],
+                 ["export", "-w", "missing.pth", "-f", "onnx"],
                  ["export", "-w", ck, "-m", "span", "-f", "onnx"],           # wrong architecture
                  ["export", "-w", ck, "--scale", "2", "-f", "onnx"],         # wrong scale
                  ["export", "-m", "span", "-f", "onnx", "--input-size", "100000x100000"],
                  ["export", "-m", "safmn", "-f", "onnx", "--input-size", "30x30"]):
         rc, err = cli(capsys, *args)
         assert_one_line_error(rc, err, 2)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["u.pth"], args
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "u.pth"], args
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -150,11 +150,12 @@ def register(app: typer.Typer) -> None:
         sizes: Optional[str] = typer.Option(None, "--sizes", help="Dynamic ONNX: sizes to benchmark on the device."),
     ) -> None:
         """Write a self-contained folder to benchmark ARTIFACT on an ARM board or Android phone."""
-        from ..io import check_output_path, writing
+        from ..io import check_output_path, created_dirs, writing
         from .bundle import write_bundle
 
         check_output_path(output, artifact, directory=True)
-        with writing(output):  # disk full, read-only...: one line naming the bundle folder
+        # A failed bundle leaves no new parent folder; disk full, read-only...: one line naming the folder.
+        with created_dirs(output.parent), writing(output):
             path = write_bundle(artifact, output, force=force, sizes=_sizes(sizes))
         out.print(f"bundle: {escape(str(path))}")
         for f in sorted(path.iterdir()):

@@ -87,7 +87,7 @@ def check_artifact(
 
     path = Path(artifact)
     if not path.is_file():
-        raise EdgeSRError(f"artifact not found: {path}")
+        raise EdgeSRError(f"artifact is not a file: {path}" if path.exists() else f"artifact not found: {path}")
     if arch not in ARCHES:
         raise EdgeSRError(f"unknown --arch {arch!r} (known: {', '.join(ARCHES)})")
     meta = read_metadata(path)
