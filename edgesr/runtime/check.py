@@ -106,7 +106,7 @@ def check_artifact(
         native = open_runner(path, threads=threads)
     inputs = parity_inputs(settings)
     precision = meta.get("precision", "fp32")  # fp16/int8 artifacts are judged by their own threshold
-    gate = threshold_for(precision)
+    gate = threshold_for(precision, arch)
 
     cases: list = []
     if arch == "x86_64":
@@ -130,4 +130,5 @@ def check_artifact(
                                     passed=cross_arch_passes(m_x86) if precision == "fp32"
                                     # other kernels (native fp16 arithmetic, int8 rounding) on ARM
                                     else gate.passes(m_x86) or not gate.gates(label)))
-    return ParityReport(artifact=path.name, format=fmt, precision=precision, cases=cases, versions=runtime_versions())
+    return ParityReport(artifact=path.name, format=fmt, precision=precision, cases=cases, versions=runtime_versions(),
+                        arch=arch)

@@ -138,7 +138,18 @@ THRESHOLDS: dict[str, Threshold] = {
 }
 
 
-def threshold_for(precision: str) -> Threshold:
+# ONNX Runtime's aarch64 kernels compute fp16 graphs in fp16 arithmetic (x86 widens to fp32),
+# so an fp16 artifact on ARM is further from fp32 PyTorch: trained SPAN-28 x4 at 64x64 under
+# qemu (neoverse-n1) 55.2 dB / 1.7e-2 on a photograph, 51 dB (relative) on noise of output
+# peak 7; x86: 70+ dB.  Still far from a defect (a wrong cast or overflow: inf/NaN, < 30 dB).
+AARCH64_FP16 = Threshold("fp16", 1e-1, 45.0, True, "fp16 artifact on aarch64 (fp16 arithmetic) vs fp32 PyTorch; "
+                         "measured 51-55 dB")
+
+
+def threshold_for(precision: str, arch: str = "x86_64") -> Threshold:
+    """The gate of ``precision``; fp16 on aarch64 has its own (native fp16 arithmetic)."""
+    if precision == "fp16" and arch == "aarch64":
+        return AARCH64_FP16
     try:
         return THRESHOLDS[precision]
     except KeyError:
@@ -177,10 +188,11 @@ class ParityReport:
     precision: str = "fp32"
     cases: list[ParityCase] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    arch: str = "x86_64"  # where the candidate ran (fp16 on aarch64 has its own threshold)
 
     @property
     def threshold(self) -> Threshold:
-        return threshold_for(self.precision)
+        return threshold_for(self.precision, self.arch)
 
     @property
     def passed(self) -> bool:
@@ -211,6 +223,7 @@ class ParityReport:
             "artifact": self.artifact,
             "format": self.format,
             "precision": self.precision,
+            "arch": self.arch,
             "threshold": self.threshold.as_dict(),
             "passed": self.passed,
             "summary": self.summary(),
@@ -225,7 +238,8 @@ class ParityReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ParityReport":
         return cls(d["artifact"], d["format"], d.get("precision", "fp32"),
-                   [ParityCase.from_dict(c) for c in d.get("cases", [])], dict(d.get("versions", {})))
+                   [ParityCase.from_dict(c) for c in d.get("cases", [])], dict(d.get("versions", {})),
+                   d.get("arch", "x86_64"))
 
     @classmethod
     def from_json(cls, text: str) -> "ParityReport":
