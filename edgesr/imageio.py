@@ -206,27 +206,62 @@ def store_block(out: np.ndarray, top: int, left: int, block: np.ndarray, grey: b
     out[top : top + q.shape[0], left : left + q.shape[1], : q.shape[2]] = np.rint(q).astype(out.dtype)
 
 
-def store_alpha(out: np.ndarray, alpha: np.ndarray) -> None:
-    """Bicubic-upscale ``alpha`` to ``out``'s size into its last channel."""
-    h, w = out.shape[:2]
-    big = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.float32), mode="F").resize((w, h), Image.BICUBIC)
-    maxval = 65535.0 if out.dtype == np.uint16 else 255.0
-    out[..., -1] = np.rint(np.clip(np.asarray(big), 0.0, 1.0) * maxval).astype(out.dtype)
+def upscaled_bands(pic: Picture, blocks, scale: int, fmt: str):
+    """Yield ``(top, band)``: final integer rows of the output (colour quantised, alpha added).
+
+    ``blocks`` are the tiler's ``(top, left, block)`` floats; the blocks of one tile row
+    share their rows, so a band is one tile row of the output.  Only that band exists in
+    integer form at a time: a 12-MP x4 output (0.6 GB in uint8, 2.3 GB in float32) is never
+    held whole when it is streamed to PNG.
+    """
+    h, w = pic.size
+    template = new_output(0, scale * w, pic, output_bits(pic, fmt))
+    alpha = None if pic.alpha is None else Image.fromarray(np.ascontiguousarray(pic.alpha, dtype=np.float32), "F")
+    band, band_top = None, 0
+    for top, left, block in blocks:
+        if band is None or top != band_top:
+            if band is not None:
+                yield band_top, _add_alpha(band, band_top, alpha, scale)
+            band, band_top = np.empty((block.shape[0], *template.shape[1:]), dtype=template.dtype), top
+        store_block(band, 0, left, block, pic.grey)
+    if band is not None:
+        yield band_top, _add_alpha(band, band_top, alpha, scale)
+
+
+def _add_alpha(band: np.ndarray, top: int, alpha: Image.Image | None, scale: int) -> np.ndarray:
+    """Alpha rows ``[top, top + rows)`` of the bicubic upscale, into the band's last channel.
+
+    Pillow's ``box`` resamples just those rows, reading source pixels beyond the box for
+    the filter support, so the bands join up to the whole-image bicubic resize.
+    """
+    if alpha is None:
+        return band
+    rows, width = band.shape[:2]
+    src_w = alpha.size[0]
+    part = alpha.resize((width, rows), Image.BICUBIC, box=(0, top / scale, src_w, (top + rows) / scale))
+    maxval = 65535.0 if band.dtype == np.uint16 else 255.0
+    band[..., -1] = np.rint(np.clip(np.asarray(part), 0.0, 1.0) * maxval).astype(band.dtype)
+    return band
 
 
 def assemble(pic: Picture, blocks, scale: int, fmt: str) -> np.ndarray:
-    """The integer output of ``pic`` from the tiler's ``(top, left, block)`` floats, plus alpha.
-
-    Each block is quantised as it arrives, so a large photo's float32 result never exists
-    at once (a 12-MP x4 output is 2.3 GB in float32, 0.6 GB in uint8).
-    """
+    """The whole integer output of ``pic`` (for formats that cannot be streamed)."""
     h, w = pic.size
     out = new_output(scale * h, scale * w, pic, output_bits(pic, fmt))
-    for top, left, block in blocks:
-        store_block(out, top, left, block, pic.grey)
-    if pic.alpha is not None:
-        store_alpha(out, pic.alpha)
+    for top, band in upscaled_bands(pic, blocks, scale, fmt):
+        out[top : top + band.shape[0]] = band
     return out
+
+
+def write_upscaled(path: str | os.PathLike, pic: Picture, blocks, scale: int, fmt: str) -> None:
+    """Run the tiler's ``blocks`` into an image file: PNG streamed band by band, others whole."""
+    if fmt == "png":
+        h, w = pic.size
+        template = new_output(0, scale * w, pic, output_bits(pic, fmt))
+        bands = (band for _, band in upscaled_bands(pic, blocks, scale, fmt))
+        write_png_bands(path, (scale * h, scale * w, template.shape[2]), template.dtype, bands, pic.icc)
+    else:
+        write_picture(path, assemble(pic, blocks, scale, fmt), fmt, pic.icc)
 
 
 def output_name(source: str | os.PathLike, label: str, scale: int, fmt: str) -> str:
@@ -270,32 +305,43 @@ _PNG_ROWS_PER_CHUNK = 256
 
 
 def write_png(path: str | os.PathLike, pixels: np.ndarray, icc: bytes | None = None, level: int = 1) -> None:
-    """A PNG of (H, W, C) uint8/uint16 ``pixels``, streamed from the array.
+    """A PNG of (H, W, C) uint8/uint16 ``pixels`` (see :func:`write_png_bands`)."""
+    write_png_bands(path, pixels.shape, pixels.dtype, [pixels], icc, level)
+
+
+def write_png_bands(path: str | os.PathLike, shape, dtype, bands, icc: bytes | None = None, level: int = 1) -> None:
+    """A PNG of ``shape`` (H, W, C) from row ``bands`` (n, W, C) given top to bottom.
 
     Pillow would first copy a large image into its own 4-bytes-per-pixel buffer (0.8 GB
-    for a 192-MP RGB output) and has no 16-bit RGB mode; this writes rows in chunks with
+    for a 192-MP RGB output) and has no 16-bit RGB mode; this writes rows as they come with
     the PNG "Sub" filter (one vectorised subtraction) and zlib ``level`` 1 (speed over
     the last few percent of size).
     """
-    h, w, c = pixels.shape
-    depth = 16 if pixels.dtype == np.uint16 else 8
-    data = pixels.astype(">u2", copy=False) if depth == 16 else pixels
+    h, w, c = (int(v) for v in shape)
+    depth = 16 if np.dtype(dtype) == np.uint16 else 8
     bpp = c * depth // 8  # bytes per pixel: the Sub filter's distance
+    written = 0
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
         _png_chunk(f, b"IHDR", struct.pack(">IIBBBBB", w, h, depth, _PNG_COLOUR_TYPE[c], 0, 0, 0))
         if icc:
             _png_chunk(f, b"iCCP", b"icc\x00\x00" + zlib.compress(icc))
         z = zlib.compressobj(level)
-        for top in range(0, h, _PNG_ROWS_PER_CHUNK):
-            rows = np.ascontiguousarray(data[top : top + _PNG_ROWS_PER_CHUNK]).view(np.uint8).reshape(-1, w * bpp)
-            filtered = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
-            filtered[:, 0] = 1  # filter type Sub: each byte minus the same byte of the pixel to its left
-            filtered[:, 1 : 1 + bpp] = rows[:, :bpp]
-            np.subtract(rows[:, bpp:], rows[:, :-bpp], out=filtered[:, 1 + bpp :])
-            piece = z.compress(filtered.tobytes())
-            if piece:
-                _png_chunk(f, b"IDAT", piece)
+        for band in bands:
+            for top in range(0, band.shape[0], _PNG_ROWS_PER_CHUNK):
+                rows = band[top : top + _PNG_ROWS_PER_CHUNK]
+                rows = rows.astype(">u2") if depth == 16 else np.ascontiguousarray(rows)
+                rows = rows.view(np.uint8).reshape(-1, w * bpp)
+                filtered = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.uint8)
+                filtered[:, 0] = 1  # filter type Sub: each byte minus the same byte of the pixel to its left
+                filtered[:, 1 : 1 + bpp] = rows[:, :bpp]
+                np.subtract(rows[:, bpp:], rows[:, :-bpp], out=filtered[:, 1 + bpp :])
+                piece = z.compress(filtered.tobytes())
+                if piece:
+                    _png_chunk(f, b"IDAT", piece)
+            written += band.shape[0]
+        if written != h:
+            raise ValueError(f"PNG bands gave {written} rows, expected {h}")
         _png_chunk(f, b"IDAT", z.flush())
         _png_chunk(f, b"IEND", b"")
 

@@ -117,7 +117,8 @@ def _artifact_upscaler(artifact: Path, runtime: str | None, threads: int | None)
     if runtime not in (None, native):
         hint = " (torch: pass --weights CHECKPOINT instead of the artifact)" if runtime == "torch" else ""
         raise EdgeSRError(f"{Path(artifact).name} is {fmt}: it runs on {native}, not {runtime}{hint}")
-    runner = open_runner(artifact, threads=threads)
+    # ORT's memory pattern only grows the arena over hundreds of same-shape tile runs
+    runner = open_runner(artifact, threads=threads, **({"memory_pattern": False} if fmt == "onnx" else {}))
     meta = runner.meta
     try:
         scale = int(meta["scale"])
@@ -133,18 +134,14 @@ def _artifact_upscaler(artifact: Path, runtime: str | None, threads: int | None)
 # --------------------------------------------------------------------------- one image
 
 
-def upscale_picture(up: Upscaler, pic: imageio.Picture, fmt: str,
-                    on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """The upscaled picture as an integer (H, W, C) buffer ready for :func:`imageio.write_picture`.
-
-    Blocks are quantised as the tiler finishes them, so the float32 result of
-    a large photo is never held at once.
-    """
+def upscale_to_file(up: Upscaler, pic: imageio.Picture, path: Path, fmt: str,
+                    on_tile: Callable[[int, int], None] | None = None) -> None:
+    """Upscale ``pic`` into the image file ``path`` (PNG: streamed as tile rows finish)."""
     h, w = pic.size
     tile, overlap = up.plan(h, w)
     rule = {"min_size": up.min_size, "multiple_of": up.multiple_of}
     blocks = iter_upscaled_blocks(up.run, pic.rgb, up.scale, tile=tile, overlap=overlap, size_rule=rule, progress=on_tile)
-    return imageio.assemble(pic, blocks, up.scale, fmt)
+    imageio.write_upscaled(path, pic, blocks, up.scale, fmt)
 
 
 # --------------------------------------------------------------------------- many files
@@ -218,10 +215,9 @@ def upscale_files(up: Upscaler, jobs: list[Job], fmt: str, overwrite: bool, summ
                 if on_tile:
                     on_tile(done, total)
 
-            pixels = upscale_picture(up, pic, fmt, count)
+            with atomic_path(job.output) as tmp:  # a failure or Ctrl-C mid-image removes the temp file
+                upscale_to_file(up, pic, tmp, fmt, count)
             seconds = time.perf_counter() - t
-            with atomic_path(job.output) as tmp:
-                imageio.write_picture(tmp, pixels, fmt, pic.icc)
             summary.written.append((job, pic.size, tiles[0], seconds))
         except EdgeSRError as e:
             message = str(e)

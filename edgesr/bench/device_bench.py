@@ -548,16 +548,15 @@ def upscale_main(argv) -> int:
                                               receptive_field=_int_or_none(art.get("receptive_field")))
             t = time.perf_counter()
             blocks = tiling.iter_upscaled_blocks(runner.run, pic.rgb, scale, tile=tile, overlap=overlap, size_rule=rule)
-            pixels = imageio.assemble(pic, blocks, scale, args.format)
-            seconds = time.perf_counter() - t
             os.makedirs(args.output, exist_ok=True)
             tmp = out + ".part"
             try:
-                imageio.write_picture(tmp, pixels, args.format, pic.icc)
+                imageio.write_upscaled(tmp, pic, blocks, scale, args.format)
                 os.replace(tmp, out)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
+            seconds = time.perf_counter() - t
         except Exception as e:  # one line per bad input; the others still run
             failed += 1
             print(f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)

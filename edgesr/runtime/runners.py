@@ -122,7 +122,8 @@ class OnnxRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all"):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all",
+                 memory_pattern: bool = True):
         import onnxruntime as ort
 
         from ..export.metadata import read_onnx_metadata
@@ -144,6 +145,10 @@ class OnnxRunner:
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         }[optimization]
         opts.log_severity_level = 3
+        # memory_pattern=False for many same-shape runs (tiled upscaling): with ORT's
+        # planned-pattern allocations on, the arena grew 0.9 -> 1.7 GB over two runs of
+        # PlainUSR at 512x512; off it stays at 0.94 GB, same speed.
+        opts.enable_mem_pattern = memory_pattern
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -241,7 +246,8 @@ class LiteRTRunner:
 def open_runner(path: str | os.PathLike, **kwargs) -> OnnxRunner | LiteRTRunner:
     """The runner for an artifact file (by suffix, else by magic bytes).
 
-    Keyword arguments go to the runner (``threads`` for both; ``optimization`` for ONNX,
+    Keyword arguments go to the runner (``threads`` for both; ``optimization`` and
+    ``memory_pattern`` for ONNX,
     ``xnnpack`` for TFLite); ``None`` values are dropped.
     """
     from ..export.metadata import artifact_format
@@ -251,7 +257,7 @@ def open_runner(path: str | os.PathLike, **kwargs) -> OnnxRunner | LiteRTRunner:
         raise EdgeSRError(f"artifact not found: {p}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     fmt = artifact_format(p)
-    allowed = {"onnx": {"threads", "optimization"}, "tflite": {"threads", "xnnpack"}}[fmt]
+    allowed = {"onnx": {"threads", "optimization", "memory_pattern"}, "tflite": {"threads", "xnnpack"}}[fmt]
     unknown = set(kwargs) - allowed
     if unknown:
         raise TypeError(f"{fmt} runner does not take {', '.join(sorted(unknown))}")
