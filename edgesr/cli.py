@@ -233,28 +233,35 @@ def main(argv: list[str] | None = None) -> int:
         rc = app(args=argv, standalone_mode=False, prog_name="edgesr")  # also under python -m / pytest
         if received:  # typer turns the KeyboardInterrupt into a plain return code 130
             return _interrupted(received[0])
-    except typer.Exit as e:
-        return e.exit_code
-    except EdgeSRError as e:
-        return _fail(str(e), e.exit_code)
     except KeyboardInterrupt as e:
-        return _interrupted(e)
-    except OSError as e:  # the environment refused a file operation outside the io.py boundary
-        if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGESR_DEBUG"):
-            return _internal_error(e)
-        return _fail(f"{e.filename or 'file operation'}: {e.strerror}", 2)
-    except Exception as e:  # usage errors and genuine bugs
-        if isinstance(e, NoArgsIsHelpError):
-            e.show()  # bare `edgesr` (or a group without a command): the help text is the answer
-            return getattr(e, "exit_code", 2)
-        if isinstance(e, ClickException):  # unknown option/command/choice, missing value
-            return _fail(_usage_line(e), getattr(e, "exit_code", 2))
-        if isinstance(e, typer.Abort):
-            return 1
-        return _internal_error(e)
+        return _interrupted(received[0] if received else e)
+    except Exception as e:
+        if received:  # an error while unwinding from the signal (a cleanup step): still the interruption
+            return _interrupted(received[0])
+        return _report(e)
     finally:
         _restore_signals(previous)
     return rc if isinstance(rc, int) else 0
+
+
+def _report(e: Exception) -> int:
+    """Print ``e`` as the contract's one line and return its exit code."""
+    if isinstance(e, typer.Exit):
+        return e.exit_code
+    if isinstance(e, EdgeSRError):
+        return _fail(str(e), e.exit_code)
+    if isinstance(e, OSError):  # the environment refused a file operation outside the io.py boundary
+        if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("EDGESR_DEBUG"):
+            return _internal_error(e)
+        return _fail(f"{e.filename or 'file operation'}: {e.strerror}", 2)
+    if isinstance(e, NoArgsIsHelpError):
+        e.show()  # bare `edgesr` (or a group without a command): the help text is the answer
+        return getattr(e, "exit_code", 2)
+    if isinstance(e, ClickException):  # unknown option/command/choice, missing value
+        return _fail(_usage_line(e), getattr(e, "exit_code", 2))
+    if isinstance(e, typer.Abort):
+        return 1
+    return _internal_error(e)  # a bug
 
 
 # Errors of the machine, not of edgesr: exit 2 with the path and the reason.
