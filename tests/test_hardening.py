@@ -28,6 +28,7 @@ from edgesr.cli import main
 from edgesr.errors import CheckpointError
 
 CHECKPOINT = Path("/work/shared/checkpoints/PlainUSRU_Rep_x4.pth")  # 86 KB, real, x4
+SET5 = Path("/work/shared/datasets/Set5")
 FAST = 5.0  # seconds: a refusal before any work is far below this even on a loaded 2-core machine
 
 
@@ -82,6 +83,8 @@ def _same_path_cases(w, tmp):
         (["bench", art, "--markdown", art], art),
         (["bench", "--import", bench_png, "--plot", bench_png], bench_png),
         (["bundle", art_dir / art.name, "-o", art_dir, "--force"], art_dir / art.name),
+        (["eval", "-w", ck, "-d", SET5, "--json", ck], ck),
+        (["upscale", "-w", ck, art_dir, "-o", art_dir], art_dir / art.name),
     ]
 
 
@@ -195,6 +198,8 @@ def _writing_commands(work, target: Path):
         ["bench", work["art"], "--runs", "1", "--warmup", "0", "--threads", "1", "--no-peak",
          "--json", target / "b.json", "--markdown", target / "b.md"],
         ["bundle", work["art"], "-o", target / "bundle"],
+        ["eval", "-w", work["ck"], "-d", SET5, "--images", "bird", "--json", target / "e.json"],
+        ["upscale", "-w", work["ck"], SET5 / "LR_bicubic" / "X4" / "birdx4.png", "-o", target / "up"],
     ]
 
 
