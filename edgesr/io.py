@@ -8,10 +8,13 @@ work, then write with ``atomic_path``/``atomic_write_text``/``atomic_write_bytes
   device and inode), or a folder that contains one (``bundle --force`` replaces folders).
 - **Validated before work, nothing created.** ``check_output_path`` also refuses an
   output that is an existing directory, or whose nearest existing ancestor is a file,
-  unwritable, or on a read-only file system; it creates no folder.
+  unwritable, or on a read-only file system; it creates no folder.  ``check_outputs``
+  does it for several outputs at once (and refuses two that coincide).
 - **Atomic, and nothing left behind.** ``atomic_path`` writes to a temp file beside the
   target and renames it into place on success; missing folders are created at that first
   real write and removed again (if still empty) when the write fails or is interrupted.
+  Commands writing several files through a temp folder (export, bundle) use
+  ``created_dirs`` (or ``make_output_dirs`` + ``remove_empty_dirs`` in a ``finally``).
 - **Environment errors are the user's, exit 2.** Any ``OSError`` while writing (disk full,
   read-only file system, permission denied, is a directory, ...) becomes an
   :class:`~edgesr.errors.OutputError` naming the path and the reason; ``writing(path)``
@@ -26,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import EdgeSRError, OutputError
+from .errors import OutputError
 
 PathLike = str | os.PathLike
 
