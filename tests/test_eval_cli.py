@@ -223,3 +223,9 @@ def test_bad_flags(capsys, args, needle):
 def test_artifact_on_the_wrong_runtime(capsys, onnx_artifact):
     rc, out, err = run(capsys, "eval", onnx_artifact, "--dataset", SET5, "--runtime", "litert")
     assert_one_line_error(rc, err, "runs on --runtime onnxruntime")
+
+
+def test_unwritable_report_fails_before_any_run(capsys, tmp_path):
+    rc, out, err = run(capsys, "eval", "--weights", PLAINUSR_U, "--dataset", SET5, "--json", tmp_path)
+    assert_one_line_error(rc, err, "is a directory")
+    assert "butterfly" not in out  # nothing was scored

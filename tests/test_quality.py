@@ -22,8 +22,8 @@ SET5 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "Set5"
 
 # Set5 mean Y-PSNR (dB) / Y-SSIM of each checkpoint's train form, measured with this protocol
 # (torch 2.13.0, CPU).  Paper figures for comparison: PlainUSR x4 32.0x, PlainUSR x2 37.9x,
-# PlainUSR-L x4 32.2x; the NTIRE entries (SAFMN++ team23, SPAN ch28 team38) report DIV2K
-# validation scores only.
+# PlainUSR-L x4 32.2x, SAFMN x4 32.18 (paper layout; team15 is its NTIRE2023 variant); the
+# NTIRE2024 entries (SAFMN++ team23, SPAN ch28 team38) report DIV2K validation scores only.
 PINNED = {
     "PlainUSR_Rep_x2.pth": ("plainusr", "base", 2, 37.9450, 0.9603),
     "PlainUSR_Rep_x4.pth": ("plainusr", "base", 4, 32.0155, 0.8922),
@@ -32,13 +32,13 @@ PINNED = {
     "PlainUSRS_Rep_x4.pth": ("plainusr", "s", 4, 31.5614, 0.8855),
     "PlainUSRT_Rep_x4.pth": ("plainusr", "t", 4, 31.2007, 0.8786),
     "PlainUSRU_Rep_x4.pth": ("plainusr", "u", 4, 30.7688, 0.8698),
+    "team15_SAFMN_ntire2023.pth": ("safmn_ntire23", "base", 4, 32.1520, 0.8942),
     "team23_safmnpp.pth": ("safmnpp", "base", 4, 32.0158, 0.8918),
     "team38_span_ch28_slim.pth": ("span", "ch28", 4, 31.7390, 0.8897),
 }
-# Not yet loadable (the NTIRE2023 SAFMN layout is being added); it joins PINNED once it loads.
-PENDING = {"team15_SAFMN_ntire2023.pth"}
 # One checkpoint per family for the export gates: the smallest of each.
-EXPORT_GATES = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth", "team23_safmnpp.pth"]
+EXPORT_GATES = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth", "team23_safmnpp.pth",
+                "team15_SAFMN_ntire2023.pth"]
 TFLITE_SIZE = (64, 64)  # the smallest fixed size that tiles Set5 well (overlap 32 px)
 
 
@@ -115,7 +115,7 @@ def test_generated_lr_is_within_two_grey_levels_of_matlab(scale):
 
 def test_every_shared_checkpoint_is_gated():
     present = {p.name for p in CHECKPOINTS.glob("*.pth")}
-    assert present - PENDING <= set(PINNED), f"checkpoints without pinned scores: {present - PENDING - set(PINNED)}"
+    assert present <= set(PINNED), f"checkpoints without pinned scores: {present - set(PINNED)}"
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
@@ -182,7 +182,9 @@ def test_onnx_and_tflite_give_the_train_form_set5_psnr(name, exported, torch_sco
         per_image = max(abs(a["psnr_y"] - b["psnr_y"]) for a, b in zip(report.images, ref.images))
         if fmt == "onnx":  # whole image, same padding: only float rounding differs
             assert per_image <= 0.01
-        else:  # tiles see less context near their cut edges (measured <= 0.04 dB per image)
+        else:  # tiles see less context than the whole image: PlainUSR's pooled attention reaches
+            # far (measured up to 0.05 dB on one image; PlainUSR-L's Set5 mean +0.015 dB, see
+            # docs/checkpoint_quality.md), pure convolutions (SPAN) stay within 0.007 dB
             assert per_image <= 0.1
 
 
@@ -195,6 +197,7 @@ ARM_CASES = [
     ("PlainUSRU_Rep_x4.pth", "tflite", None),
     ("team38_span_ch28_slim.pth", "onnx", ["butterfly"]),
     ("team23_safmnpp.pth", "onnx", ["butterfly"]),
+    ("team15_SAFMN_ntire2023.pth", "onnx", ["butterfly"]),
 ]
 
 

@@ -26,12 +26,12 @@ def _progress_bar(total: int, description: str):
 
 def _check_outputs(inputs: list[Path], json_out: Optional[Path], md_out: Optional[Path],
                    images_out: Optional[Path]) -> None:
-    from .. import io
+    from ..io import check_output_path
 
-    check = getattr(io, "check_output_path", None)  # the output boundary of edgesr.io, when present
+    # Before any work: an output must not overwrite an input and must be writable.
     for path, is_dir in ((json_out, False), (md_out, False), (images_out, True)):
-        if path is not None and check is not None:
-            check(path, *inputs, directory=is_dir)
+        if path is not None:
+            check_output_path(path, *inputs, directory=is_dir)
 
 
 def register(app: typer.Typer) -> None:
