@@ -24,9 +24,10 @@ from .metrics import psnr_ssim_rgb, psnr_ssim_y, to_uint8
 
 Run = Callable[[np.ndarray], np.ndarray]
 RunMany = Callable[[list[np.ndarray]], list[np.ndarray]]
-#: Tile overlap (input px) for fixed-size artifacts: half a 64-px tile keeps the used part
-#: of every tile >= 12 px from its cut edges, beyond which the pooled attention of
-#: PlainUSR/SAFMN barely reaches (|dPSNR| vs whole-image torch stays below 0.01 dB).
+#: Tile overlap (input px) for fixed-size artifacts: half a 64-px tile (the cap), keeping the
+#: used part of every tile >= 12 px from its cut edges.  Convolutional models (SPAN) then
+#: score within 0.002 dB of the whole image on Set5; PlainUSR's pooled attention reaches
+#: further (PlainUSR-L / x2: +0.015 dB), see docs/checkpoint_quality.md.
 TILE_OVERLAP = 32
 
 
