@@ -14,9 +14,8 @@ reproduces ``calculate_ssim``.  The one difference: BasicSR evaluates only the '
 part of the filtered maps (the 5-pixel margin the 11x11 window overhangs is dropped),
 while scikit-image crops (win_size - 1) // 2 = 5 pixels after a reflect-padded filter,
 which is the same region; the remaining difference is float rounding (measured against
-BasicSR's formula on a Set5 pair: ~5e-15, tests/test_quality.py).  scikit-image's
-``rgb2ycbcr`` keeps Y in float64 where BasicSR rounds nothing either but works in float32:
-PSNR differs by float32 rounding only.
+BasicSR's formula on a Set5 pair: ~5e-15, tests/test_quality.py).  Y is float64 here
+and float32 in BasicSR: PSNR differs by float32 rounding only.
 """
 
 from __future__ import annotations
