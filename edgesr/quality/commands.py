@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         runtime: Optional[str] = typer.Option(None, "--runtime",
                                               help="torch (with --weights), onnxruntime or litert (artifact)."),
         arch: Optional[str] = typer.Option(None, "--arch", help="aarch64: run the artifact under qemu."),
-        threads: Optional[int] = typer.Option(None, "--threads"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads (>= 1)."),
+        state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper to read: params or params_ema."),
         images: Optional[str] = typer.Option(None, "--images", help="Comma list of image names (a subset)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-image scores as JSON."),
         md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write them as a Markdown table."),
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
             if runtime not in (None, "torch") or arch is not None:
                 raise EdgeSRError("--weights runs the PyTorch train form; export an artifact for "
                                   f"--runtime {runtime or ''} --arch {arch or ''}".rstrip())
-            form = torch_form(weights, threads=threads)
+            form = torch_form(weights, threads=threads, state_key=state_key)
         else:
             form = artifact_form(artifact, arch=arch, threads=threads)
             _check_runtime(runtime, form.form)

@@ -55,12 +55,12 @@ class ModelForm:
         return "whole image" if self.tile is None else f"tiled {self.tile[0]}x{self.tile[1]}, overlap {TILE_OVERLAP}"
 
 
-def torch_form(weights: str | os.PathLike, threads: int | None = None) -> ModelForm:
+def torch_form(weights: str | os.PathLike, threads: int | None = None, state_key: str | None = None) -> ModelForm:
     """The train-form model of a checkpoint (architecture detected), run whole-image in eval mode."""
     from ..pipeline import obtain_model
     from ..runtime.runners import TorchRunner
 
-    loaded = obtain_model(None, weights=weights)
+    loaded = obtain_model(None, weights=weights, state_key=state_key)
     runner = TorchRunner(loaded.model, input_range=loaded.spec.input_range, threads=threads)
     return ModelForm(loaded.spec.name, loaded.variant, loaded.scale, "torch", f"torch {runner.version}", runner.run,
                      loaded.spec.size_rule, source=str(weights))
