@@ -211,7 +211,8 @@ def iter_upscaled_blocks(
     Blocks tile the ``(scale*H, scale*W)`` output exactly once, in tile order.  Only one
     tile's output, the overlap strip to its right and the overlap rows below the current
     tile row are held -- never a full-width band -- so the memory is independent of the
-    image width.  A block is a view: use it before asking for the next one.
+    image width.  A block is a scratch view: use it (or modify it in place) before asking for
+    the next one.
     ``progress(done, total)`` is called after every model run.
     """
     image = _check_image(image)
