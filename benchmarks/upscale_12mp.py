@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """A 12-megapixel photo upscaled x4 by PlainUSR (base) through onnxruntime: memory and speed.
 
-    python benchmarks/upscale_12mp.py [--tile 512] [--threads 2] [--runs 5] [--keep DIR]
+    python benchmarks/upscale_12mp.py [--max-tile 512] [--threads 2] [--runs 5] [--keep DIR]
 
-1. Exports ``PlainUSR_Rep_x4.pth`` (the released checkpoint) to a static ONNX of
-   ``tile x tile`` (``edgesr export``, verified).
+1. Exports ``PlainUSR_Rep_x4.pth`` (the released checkpoint) to a static ONNX whose size
+   is fitted to the photo (``fit_tile``: 443x459 for 3000x4000 under 512; ``edgesr export``,
+   verified).
 2. Synthesises a 4000x3000 photograph by tiling the shipped 192x192 photos (mirrored
    every other copy so the seams between copies are smooth).
 3. ``edgesr upscale`` in a fresh process: its peak RSS (``os.wait4``) and the per-image
@@ -30,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgesr.runtime.tiling import FALLBACK_OVERLAP, fit_tile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGESR = [sys.executable, "-m", "edgesr.cli"]
@@ -66,20 +70,24 @@ def run_measured(cmd: list[str]) -> tuple[int, str, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--max-tile", type=int, default=512,
+                    help="largest tile side; the artifact's size is fitted to the photo below it (fit_tile)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5, help="edgesr bench timed runs")
     ap.add_argument("--size", default="4000x3000", help="WxH of the synthetic photo")
     ap.add_argument("--keep", type=Path, default=None, help="keep the files in this folder")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
+    # A static artifact sized for the photo: as few tiles as max-tile needs, least extra work
+    # (PlainUSR's receptive field is unbounded: the fallback overlap of 16 px).
+    th, tw = (fit_tile(n, args.max_tile, FALLBACK_OVERLAP) for n in (h, w))
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="edgesr-12mp-"))
     work.mkdir(parents=True, exist_ok=True)
-    artifact = work / f"plainusr_x4_{args.tile}.onnx"
+    artifact = work / f"plainusr_x4_{th}x{tw}.onnx"
     if not artifact.exists():
         subprocess.run([*EDGESR, "export", "--weights", str(CHECKPOINT), "--format", "onnx",
-                        "--input-size", f"{args.tile}x{args.tile}", "--output", str(artifact)], check=True, cwd=ROOT)
+                        "--input-size", f"{th}x{tw}", "--output", str(artifact)], check=True, cwd=ROOT)
     photo = work / "photo_12mp.png"
     Image.fromarray(synthetic_photo(h, w)).save(photo, compress_level=1)
 
@@ -109,7 +117,7 @@ def main() -> int:
           "tiling overhead | wall s (incl. read/write) | peak RSS |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {w}x{h} ({w * h / 1e6:.0f} MP) | {4 * w}x{4 * h} PNG, {out_file.stat().st_size / 2**20:.0f} MB | "
-          f"{args.tile} / 16 | {tiles} | {seconds:.1f} | {mpix_s:.2f} | {bench_mpix_s:.2f} | "
+          f"{th}x{tw} / {FALLBACK_OVERLAP} | {tiles} | {seconds:.1f} | {mpix_s:.2f} | {bench_mpix_s:.2f} | "
           f"{100 * (1 - mpix_s / bench_mpix_s):.1f}% | {wall:.1f} | {rss:.2f} GB |")
     if args.keep is None:
         for p in sorted(work.rglob("*"), reverse=True):

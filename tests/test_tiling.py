@@ -143,7 +143,13 @@ def test_plan_tiles_policy():
     rule = {"min_size": 8, "multiple_of": 8}
     assert plan_tiles(500, 500, size_rule=rule) == (None, 0)  # dynamic, under the budget: whole image
     tile, overlap = plan_tiles(3000, 4000, size_rule=rule, receptive_field=21)
-    assert tile == (512, 512) and overlap == 42
+    assert overlap == 42 and max(tile) <= 512 and tile[0] % 8 == 0 == tile[1] % 8
+    for length, side in zip((3000, 4000), tile):  # as few tiles as 512 would need, less work
+        starts = tile_starts(length, side, overlap, 8)
+        assert len(starts) == len(tile_starts(length, 512, overlap, 8))
+        assert starts[-1] + side == padded_size(length, 1, 8)
+        # work: the image, one overlap per seam, and at most 8 px of rounding per tile
+        assert len(starts) * side <= length + (len(starts) - 1) * overlap + 8 * len(starts)
     assert plan_tiles(10, 10, fixed_tile=(64, 64), receptive_field=None) == ((64, 64), 16)
     assert plan_tiles(10, 10, fixed_tile=(64, 64), receptive_field=100) == ((64, 64), 32)  # half a tile at most
 

@@ -89,12 +89,28 @@ def plan_tiles(height: int, width: int, *, fixed_tile=None, tile=None, overlap: 
     if chosen is None and height * width > WHOLE_IMAGE_MAX_PIXELS:
         min_size, multiple_of = rule_values(size_rule)
         side = padded_size(DYNAMIC_TILE, min_size, multiple_of)
-        chosen = (side, side)
+        ov = default_overlap(receptive_field, (side, side)) if overlap is None else int(overlap)
+        chosen = (fit_tile(height, side, ov, min_size, multiple_of), fit_tile(width, side, ov, min_size, multiple_of))
     if chosen is None:
         return None, 0
     chosen = (int(chosen[0]), int(chosen[1]))
     ov = default_overlap(receptive_field, chosen) if overlap is None else int(overlap)
     return chosen, max(0, min(ov, min(chosen) // 2))
+
+
+def fit_tile(length: int, max_tile: int, overlap: int, min_size: int = 1, multiple_of: int = 1) -> int:
+    """The smallest tile side <= ``max_tile`` that covers ``length`` with as few tiles as ``max_tile``.
+
+    Fixed 512-px tiles cover 4000 px with 9 tiles (4608 px of work for 4000, +15%); 459-px
+    tiles cover it with 9 as well but only 4131 px of work (+3%).  Runners that take any
+    size get such fitted tiles.
+    """
+    overlap = min(overlap, max_tile // 2)
+    if length <= max_tile:
+        return padded_size(length, min_size, multiple_of)
+    count = math.ceil((length - overlap) / (max_tile - overlap))
+    side = math.ceil((length - overlap) / count) + overlap
+    return min(padded_size(side, min_size, multiple_of), padded_size(max_tile, min_size, multiple_of))
 
 
 def padded_size(size: int, min_size: int, multiple_of: int) -> int:
