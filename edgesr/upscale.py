@@ -246,7 +246,7 @@ def register(app) -> None:
         weights: Optional[Path] = typer.Option(None, "--weights", "-w",
                                                help="Run a checkpoint in PyTorch instead of an artifact."),
         tile: Optional[str] = typer.Option(None, "--tile", help="HxW tiles (dynamic ONNX/torch; default: "
-                                           "whole image up to 1 MP, else 512x512; fixed artifacts: their size)."),
+                                           "whole image up to 1 MP, else tiles of at most 512 px fitted to the image; fixed artifacts: their size)."),
         overlap: Optional[int] = typer.Option(None, "--overlap", help="Tile overlap in input px (default: twice "
                                               "the model's receptive-field radius, or 16; at most half a tile)."),
         threads: Optional[int] = typer.Option(None, "--threads"),
