@@ -186,6 +186,22 @@ def _ramp(pos: np.ndarray, seam: tuple[float, float], scale: int) -> np.ndarray:
     return np.clip((pos - (centre - width / 2.0)) / width, 0.0, 1.0)
 
 
+def _weigh(t: np.ndarray, profile: np.ndarray, axis: int) -> None:
+    """Multiply ``t`` in place by a 1-D profile along ``axis`` -- only where it is not 1.
+
+    The profile is 1 except in the overlaps at the tile's ends; skipping the rest saves two
+    full passes over every tile (a 512-px x4 tile is 50 MB of float32).
+    """
+    ones = np.flatnonzero(profile == 1.0)
+    lo, hi = (int(ones[0]), int(ones[-1]) + 1) if ones.size else (len(profile), len(profile))
+    shape = [1, 1, 1]
+    for part in (slice(0, lo), slice(hi, len(profile))):
+        if part.stop > part.start:
+            shape[axis] = part.stop - part.start
+            index = (part, slice(None)) if axis == 0 else (slice(None), part)
+            t[index] *= profile[part].reshape(shape)
+
+
 def _run_tile(run: Run, tile: np.ndarray, scale: int) -> np.ndarray:
     x = np.ascontiguousarray(tile.transpose(2, 0, 1)[None], dtype=np.float32)
     y = np.asarray(run(x), dtype=np.float32)
@@ -265,8 +281,8 @@ def iter_upscaled_blocks(
         for j, x0 in enumerate(xs):
             c0, col_end = scale * x0, col_ends[j]
             t = _run_tile(run, padded[y0 : y0 + th, x0 : x0 + tw], scale)
-            t *= wy[i][:, None, None]
-            t *= wx[j][None, :, None]
+            _weigh(t, wy[i], 0)
+            _weigh(t, wx[j], 1)
             done += 1
             if progress:
                 progress(done, total)
