@@ -79,8 +79,9 @@ def forms(checkpoint: Path, work: Path) -> dict[str, Path]:
         out[p + ("-mixed" if p == "int8" else "")] = dst
     naive = work / f"{checkpoint.stem}_int8_naive.onnx"
     calib = load_calibration(None)
-    _quantize(fp32, naive, calibration_inputs(calib, kw["scale"], None), [], ("Conv",), CalibrationMethod.MinMax,
-              work / "naive_cache.json")
+    _quantize(fp32, naive, calibration_inputs(calib, kw["scale"], None, kw["multiple_of"]), [], ("Conv",),
+              CalibrationMethod.MinMax,
+              work / f"{checkpoint.stem}_naive_cache.json")  # ranges are per graph
     out["int8-all-convs"] = naive
     return out
 

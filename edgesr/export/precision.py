@@ -128,7 +128,8 @@ def _bicubic_down(hr: np.ndarray, scale: int) -> np.ndarray:
 PROBE_ZOOMS = (1.0, 0.75, 0.5)
 
 
-def quality_pairs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+def quality_pairs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None,
+                  multiple_of: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """(LR NCHW float32 [0,1], HR uint8 HWC) pairs: HR from a calibration image (at each of
     ``PROBE_ZOOMS``), LR its bicubic downscale.  ``input_size`` None (dynamic graph): at most
     ``MAX_CALIBRATION_SIDE`` LR pixels a side; otherwise exactly the artifact's size (images
@@ -145,9 +146,10 @@ def quality_pairs(calib: CalibrationSet, scale: int, input_size: tuple[int, int]
             if zoom != 1.0:
                 size = (max(scale, round(img.shape[1] * zoom)), max(scale, round(img.shape[0] * zoom)))
                 src = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC), dtype=np.uint8)
-            if input_size is None:
-                h = min(src.shape[0] // scale, MAX_CALIBRATION_SIDE)
-                w = min(src.shape[1] // scale, MAX_CALIBRATION_SIDE)
+            if input_size is None:  # the largest legal size (the model's multiple) within the image
+                m = max(1, multiple_of)
+                h = max(m, min(src.shape[0] // scale, MAX_CALIBRATION_SIDE) // m * m)
+                w = max(m, min(src.shape[1] // scale, MAX_CALIBRATION_SIDE) // m * m)
             else:
                 h, w = input_size
             hr = fit_image(src.astype(np.float32) / 255.0, h * scale, w * scale)
@@ -157,13 +159,14 @@ def quality_pairs(calib: CalibrationSet, scale: int, input_size: tuple[int, int]
     return pairs
 
 
-def calibration_inputs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None) -> list[np.ndarray]:
+def calibration_inputs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None,
+                       multiple_of: int = 1) -> list[np.ndarray]:
     """NCHW float32 inputs of one size for the calibrator (histogram methods need one shape):
     each calibration image itself taken as a low-resolution input (tiles of the artifact size,
     or for a dynamic graph of the probe's LR size) plus the probe's own LR images."""
     from ..data import fit_image
 
-    probe = [lr for lr, _ in quality_pairs(calib, scale, input_size)]
+    probe = [lr for lr, _ in quality_pairs(calib, scale, input_size, multiple_of)]
     h, w = input_size or (min(x.shape[2] for x in probe), min(x.shape[3] for x in probe))
     out = []
     for img in calib.images:
@@ -461,6 +464,7 @@ def to_int8_onnx(
     scale: int,
     input_size: tuple[int, int] | None,
     max_psnr_drop: float = DEFAULT_MAX_PSNR_DROP,
+    multiple_of: int = 1,
     op_types: Sequence[str] = QUANTIZED_OPS,
     log: Callable[[str], None] = lambda s: None,
 ) -> Int8Report:
@@ -469,8 +473,8 @@ def to_int8_onnx(
     from onnxruntime.quantization import CalibrationMethod
 
     t0 = time.perf_counter()
-    pairs = quality_pairs(calib, scale, input_size)
-    calib_x = calibration_inputs(calib, scale, input_size)
+    pairs = quality_pairs(calib, scale, input_size, multiple_of)
+    calib_x = calibration_inputs(calib, scale, input_size, multiple_of)
     fp32 = onnx.load(str(src))
     base = mean_y_psnr(fp32, pairs, scale)
     candidates = [n.name for n in fp32.graph.node if n.op_type in op_types]
@@ -507,6 +511,10 @@ def to_int8_onnx(
                 log(f"keep {c} in float: drop {current:.3f} dB")
                 if current <= target:
                     break
+        if len(kept) == len(candidates):
+            raise ExportError(f"int8 cannot meet --max-psnr-drop {max_psnr_drop:g} dB: quantizing all "
+                              f"{len(candidates)} {'/'.join(op_types)} layers loses {all_drop:.2f} dB and every "
+                              "layer had to stay float; export fp16, or allow a larger --max-psnr-drop")
         _quantize(src, dst, calib_x, list(kept), op_types, method, cache)
     final = mean_y_psnr(dst, pairs, scale)
     return Int8Report(calib.summary(), name, max_psnr_drop, round(base, 4), round(base - all_drop, 4), round(final, 4),
@@ -591,7 +599,7 @@ def reduce_precision(
         else:
             calib = load_calibration(calibration)
             report = to_int8_onnx(artifact, tmp, calib, scale, None if dynamic else size,
-                                  max_psnr_drop or DEFAULT_MAX_PSNR_DROP, log=log)
+                                  max_psnr_drop or DEFAULT_MAX_PSNR_DROP, multiple_of, log=log)
         os.replace(tmp, artifact)
     finally:
         tmp.unlink(missing_ok=True)
