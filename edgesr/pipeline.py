@@ -517,6 +517,9 @@ def _report_markdown(report: dict, parity=None) -> str:
         "",
         *_io_contract_markdown(report),
     ]
+    from .export.precision import precision_markdown
+
+    lines += precision_markdown(report.get("precision") or {})
     if parity is None:
         lines.append("**Parity: not verified** (--no-verify).")
         return "\n".join(lines) + "\n"

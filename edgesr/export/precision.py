@@ -605,3 +605,30 @@ def reduce_precision(
         tmp.unlink(missing_ok=True)
     write_metadata(artifact, metadata_entries(precision, report))
     return {"precision": precision, **report.as_dict()}
+
+
+def precision_markdown(report: dict) -> list[str]:
+    """The export report's precision section: what stayed float and why, the quality probe."""
+    p = report.get("precision", "fp32")
+    if p == "fp32":
+        return []
+    lines = [f"## Precision: {p}", ""]
+    if p == "fp16":
+        kept = report.get("kept_fp32", {})
+        lines.append(f"- overflow audit on {', '.join(report.get('audit_inputs', []))}: "
+                     f"{len(kept)} node(s) kept fp32" + (":" if kept else ""))
+        lines += [f"  - `{n}`: {why}" for n, why in kept.items()]
+        if report.get("fp32_diverges_on"):
+            lines.append(f"- the fp32 model itself leaves fp16 range on: {', '.join(report['fp32_diverges_on'])} "
+                         "(not audited; no fp16 graph can answer there)")
+    else:
+        c = report.get("calibration", {})
+        lines += [
+            f"- calibration: {c.get('count')} image(s) from {c.get('source')}, method {report.get('calibration_method')}",
+            f"- probe Y-PSNR: fp32 {report.get('fp32_y_psnr')} dB, all int8 {report.get('all_int8_y_psnr')} dB, "
+            f"exported {report.get('final_y_psnr')} dB (drop {report.get('psnr_drop')} dB; "
+            f"budget {report.get('max_psnr_drop')} dB, aimed at {PROBE_MARGIN:g} x on the probe)",
+            f"- {report.get('quantized_nodes')} layer(s) int8, {len(report.get('kept_float', {}))} kept float:",
+        ]
+        lines += [f"  - `{n}`: {why}" for n, why in report.get("kept_float", {}).items()]
+    return lines + [""]
