@@ -70,14 +70,14 @@ def _receptive_field(value) -> int | None:
 
 def open_upscaler(artifact: Path | None = None, weights: Path | None = None, runtime: str | None = None,
                   threads: int | None = None, tile: tuple[int, int] | None = None,
-                  overlap: int | None = None) -> Upscaler:
+                  overlap: int | None = None, state_key: str | None = None) -> Upscaler:
     """The runner for ``artifact`` (onnxruntime/LiteRT) or ``weights`` (PyTorch train form)."""
     if runtime is not None and runtime not in RUNTIMES:
         raise EdgeSRError(f"unknown --runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     if overlap is not None and overlap < 0:
         raise EdgeSRError(f"--overlap must be >= 0, got {overlap}")
     if weights is not None:
-        up = _torch_upscaler(weights, runtime, threads)
+        up = _torch_upscaler(weights, runtime, threads, state_key)
     elif artifact is not None:
         up = _artifact_upscaler(artifact, runtime, threads)
     else:
@@ -92,14 +92,14 @@ def open_upscaler(artifact: Path | None = None, weights: Path | None = None, run
     return up
 
 
-def _torch_upscaler(weights: Path, runtime: str | None, threads: int | None) -> Upscaler:
+def _torch_upscaler(weights: Path, runtime: str | None, threads: int | None, state_key: str | None = None) -> Upscaler:
     if runtime not in (None, "torch"):
         raise EdgeSRError(f"--weights runs PyTorch; --runtime {runtime} needs an exported artifact "
                           "(`edgesr export --weights ...` first)")
     from .pipeline import obtain_model
     from .runtime.runners import TorchRunner
 
-    loaded = obtain_model(None, weights=weights)
+    loaded = obtain_model(None, weights=weights, state_key=state_key)
     spec = loaded.spec
     return Upscaler(TorchRunner(loaded.model, threads=threads).run, "torch", loaded.scale,
                     spec.size_rule.min_size, spec.size_rule.multiple_of, spec.receptive_field, None,
@@ -274,6 +274,8 @@ def register(app) -> None:
         overlap: Optional[int] = typer.Option(None, "--overlap", help="Tile overlap in input px (default: twice "
                                               "the model's receptive-field radius, or 16; at most half a tile)."),
         threads: Optional[int] = typer.Option(None, "--threads"),
+        state_key: Optional[str] = typer.Option(None, "--state-key", help="With --weights: checkpoint wrapper "
+                                                "to read (params or params_ema)."),
         runtime: Optional[str] = typer.Option(None, "--runtime", help="onnxruntime | litert | torch "
                                               "(default: the artifact's own; torch with --weights)."),
         fmt: str = typer.Option("png", "--format", help="png | jpg | webp (16-bit inputs stay 16-bit in png)."),
@@ -294,7 +296,7 @@ def register(app) -> None:
         check_output_path(output, *([artifact, weights] + list(inputs)), directory=True)
         if json_out is not None:
             check_output_path(json_out, *([artifact, weights] + list(inputs)))
-        up = open_upscaler(artifact, weights, runtime, threads, parse_tile(tile), overlap)
+        up = open_upscaler(artifact, weights, runtime, threads, parse_tile(tile), overlap, state_key)
         summary = run_with_progress(up, inputs, output, fmt, overwrite, err)
         print_summary(summary, up, out, err, escape)
         if json_out is not None:
@@ -312,6 +314,9 @@ def run_with_progress(up: Upscaler, inputs, output: Path, fmt: str, overwrite: b
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     jobs, failed = plan_jobs(inputs, output, up.label, up.scale, fmt)
+    if not jobs and not failed:
+        names = ", ".join(str(p) for p in inputs)
+        raise EdgeSRError(f"no images found in {names} (looked for {' '.join(imageio.IMAGE_SUFFIXES)})")
     summary = Summary(failed=list(failed))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

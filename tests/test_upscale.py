@@ -151,12 +151,15 @@ def test_user_errors_are_one_line(artifact, tmp_path, capsys):
     Image.fromarray(photo(16, 16)).save(img)
     blocker = tmp_path / "file"
     blocker.write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         ([str(artifact), str(img), "--output", str(blocker / "sub")], "not a directory"),
         ([str(artifact), str(img), "--output", str(tmp_path / "o"), "--tile", "32x32"], "fixed input size 48x48"),
         (["--weights", str(SAMPLE_WEIGHTS), str(img), "--output", str(tmp_path / "o"), "--tile", "4x4"], "size rule"),
         ([str(artifact), str(img), "--output", str(tmp_path / "o"), "--runtime", "litert"], "runs on onnxruntime"),
         ([str(artifact), str(img), "--output", str(tmp_path / "o"), "--format", "gif"], "unknown --format"),
+        ([str(artifact), str(empty), "--output", str(tmp_path / "o")], "no images found"),
     ]
     for argv, message in cases:
         assert main(["upscale", *argv]) == 2, argv
