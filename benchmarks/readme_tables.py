@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
 
 from edgesr.bench.device_bench import cpu_name, load_average  # noqa: E402
 from edgesr.io import atomic_write_text  # noqa: E402

@@ -33,7 +33,7 @@ import warnings
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from edgesr.reparam.dft import RealIRFFT2, RealRFFT2  # noqa: E402
 from edgesr.reparam.dft_spectral import SpectralIRFFT2, SpectralRFFT2, per_bin_dft  # noqa: E402
 

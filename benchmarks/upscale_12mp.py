@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from edgesr.runtime.tiling import FALLBACK_OVERLAP, fit_tile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ CHECKPOINT = Path("/work/shared/checkpoints/PlainUSR_Rep_x4.pth")
 
 def synthetic_photo(height: int, width: int) -> np.ndarray:
     """Shipped photos tiled in a mirrored grid and cropped: real content, no hard seams."""
-    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "edgesr/data/images").glob("*.png"))]
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "src/edgesr/data/images").glob("*.png"))]
     side = photos[0].shape[0]
     rows = []
     for i in range(-(-height // side)):

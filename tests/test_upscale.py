@@ -23,7 +23,7 @@ from edgesr.runtime.runners import TorchRunner
 from edgesr.runtime.tiling import upscale_array
 from edgesr.upscale import SAMPLE_WEIGHTS, Job, Summary, open_upscaler, upscale_files
 
-PHOTOS = Path(__file__).resolve().parents[1] / "edgesr" / "data" / "images"
+PHOTOS = Path(__file__).resolve().parents[1] / "src" / "edgesr" / "data" / "images"
 TILE = 48
 LABEL = "plainusr-s_x4"
 

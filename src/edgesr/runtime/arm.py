@@ -39,7 +39,7 @@ def _one_line(lines) -> str:
 def tools_dir() -> Path:
     """``tools/arm64`` of the source checkout (or ``$EDGESR_ARM64_TOOLS``)."""
     env = os.environ.get("EDGESR_ARM64_TOOLS")
-    d = Path(env) if env else Path(__file__).resolve().parents[2] / "tools" / "arm64"
+    d = Path(env) if env else Path(__file__).resolve().parents[3] / "tools" / "arm64"  # src/edgesr/runtime/arm.py
     if not ((d / "build_rootfs.sh").is_file() and (d / "arm_exec.py").is_file()):
         raise Aarch64Error(
             f"aarch64 tools not found at {d}: the ARM runner needs the edgesr source checkout "
