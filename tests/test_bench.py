@@ -238,7 +238,8 @@ def test_bundle_runs_in_a_fresh_venv_and_imports(artifacts, local_run, tmp_path)
     assert "span.onnx" in names and "edgesr_bench.py" in names and "requirements.txt" in names
     assert "README.md" in names and any(n.startswith("peak_gemm") and n.endswith(".onnx") for n in names)
     reqs = [l for l in (out / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
-    assert sorted(r.split("==")[0] for r in reqs) == ["numpy", "onnxruntime"]
+    # Pillow: the device script's `upscale` reads and writes images (no torch, no edgesr)
+    assert sorted(r.split("==")[0] for r in reqs) == ["Pillow", "numpy", "onnxruntime"]
     assert "edgesr_bench.py" in (out / "README.md").read_text()
 
     # A genuinely fresh venv with only the bundle's requirements (pip from the local mirror).
@@ -263,6 +264,18 @@ def test_bundle_runs_in_a_fresh_venv_and_imports(artifacts, local_run, tmp_path)
     check_result_doc(doc, ["onnxruntime"], [1, 2])
     assert doc["host"]["label"] == "fake-board"
     assert doc["versions"]["onnxruntime"] and "torch" not in doc["versions"]
+
+    # The device upscale with only the bundle's requirements: an odd-sized photo, tiled at 32x32.
+    from edgesr.data import load_image
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray((load_image("chelsea")[:37, :45] * 255).round().astype(np.uint8)).save(photo)
+    up = subprocess.run([vpy, out / "edgesr_bench.py", "upscale", photo, "--output", tmp_path / "up"],
+                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert up.returncode == 0, up.stderr[-2000:] + up.stdout[-2000:]
+    (written,) = (tmp_path / "up").iterdir()
+    assert Image.open(written).size == (45 * 4, 37 * 4)
 
     # Back on the build machine: the device's results beside the local ones.
     png, md = tmp_path / "both.png", tmp_path / "both.md"

@@ -17,7 +17,7 @@ from ai_edge_litert.interpreter import Interpreter
 from torch import nn
 
 from conftest import noise_image, real_image
-from edgesr.errors import ExportError, SizeRuleError
+from edgesr.errors import ExportError, OutputError, SizeRuleError
 from edgesr.export import read_metadata, write_metadata
 from edgesr.export.tflite import check_tflite, export_tflite, inspect_tflite, tflite_with_metadata, torch_weight_signatures
 from edgesr.export.wrap import IOWrapper
@@ -279,7 +279,7 @@ def test_failure_mid_export_leaves_nothing(tmp_path, monkeypatch, exported):
 
     monkeypatch.setattr(Path, "write_bytes", broken_write)
     path = tmp_path / "m.tflite"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="m.tflite: disk full"):
         export_tflite(FoldedToy().eval(), path, input_size=SIZE)
     assert os.listdir(tmp_path) == []
 
