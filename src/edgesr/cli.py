@@ -70,11 +70,6 @@ def models_cmd(
         err.print(f"[yellow]note:[/] {missing} variant(s) have no stored figures; `edgesr models --measure` counts them")
 
 
-def _check_threads(threads: Optional[int]) -> None:
-    if threads is not None and threads < 1:
-        raise EdgeSRError(f"--threads must be >= 1, got {threads}")
-
-
 @app.command("export")
 def export_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see `edgesr models`)."),
@@ -96,9 +91,10 @@ def export_cmd(
     from .io import refuse_output_overlapping_inputs
     from .models.registry import get_spec
     from .pipeline import export_model, export_outputs, obtain_model, parse_size, plan_export
+    from .runtime.runners import check_threads
 
     size = parse_size(input_size) if input_size else None
-    _check_threads(threads)
+    check_threads(threads)
     sample = model is None and weights is None  # the Quickstart: a real, shipped checkpoint
     if sample:
         from .upscale import SAMPLE_WEIGHTS
@@ -190,8 +186,9 @@ def parity_cmd(
     """Compare an artifact against the train-form PyTorch model (rebuilt from its metadata)."""
     from .io import atomic_write_text, check_outputs
     from .runtime.check import check_artifact
+    from .runtime.runners import check_threads
 
-    _check_threads(threads)
+    check_threads(threads)
     check_outputs([json_out, md_out], artifact, weights, images)
     report = check_artifact(artifact, weights=weights, images=images, sizes=sizes, arch=arch, threads=threads,
                             state_key=state_key)

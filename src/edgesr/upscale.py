@@ -19,6 +19,7 @@ import numpy as np
 
 from . import imageio
 from .errors import EdgeSRError, SizeRuleError
+from .runtime.runners import check_threads
 from .runtime.tiling import iter_upscaled_blocks, plan_tiles, rule_values
 
 RUNTIMES = ("onnxruntime", "litert", "torch")
@@ -288,8 +289,7 @@ def register(app) -> None:
 
         if fmt not in imageio.FORMATS:
             raise EdgeSRError(f"unknown --format {fmt!r} (known: {', '.join(imageio.FORMATS)})")
-        if threads is not None and threads < 1:
-            raise EdgeSRError(f"--threads must be >= 1, got {threads}")
+        check_threads(threads)
         artifact, inputs = (None, paths) if weights is not None else (paths[0], paths[1:])
         if not inputs:
             raise EdgeSRError("give at least one INPUT image or folder after the artifact")

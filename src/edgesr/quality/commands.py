@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         runtime: Optional[str] = typer.Option(None, "--runtime",
                                               help="torch (with --weights), onnxruntime or litert (artifact)."),
         arch: Optional[str] = typer.Option(None, "--arch", help="aarch64: run the artifact under qemu."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads (>= 1)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (>= 1)."),
         state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper to read: params or params_ema."),
         images: Optional[str] = typer.Option(None, "--images", help="Comma list of image names (a subset)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-image scores as JSON."),
@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         from ..io import atomic_write_text
         from .engine import artifact_form, load_samples, score, torch_form
 
+        from ..runtime.runners import check_threads
+
+        check_threads(threads)
         if (artifact is None) == (weights is None):
             raise EdgeSRError("give an ARTIFACT or --weights CHECKPOINT (one of them)")
         inputs = [p for p in (artifact, weights, dataset) if p is not None]

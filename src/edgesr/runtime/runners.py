@@ -51,6 +51,12 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def check_threads(threads: int | None) -> None:
+    """A user's thread count: ``None`` (every CPU) or >= 1; one rule for every command."""
+    if threads is not None and threads < 1:
+        raise EdgeSRError(f"--threads must be >= 1, got {threads}")
+
+
 def _check_input(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 4 or x.shape[1] != 3:
