@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from edgesr.cli import main
 from edgesr.quality.dataset import modcrop, read_rgb8
-from edgesr.quality.engine import evaluate, torch_form
+from edgesr.quality.engine import evaluate, exported_form, load_samples, prepare, torch_form
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SET5 = SHARED / "datasets" / "Set5"
@@ -81,6 +82,69 @@ def test_eval_onnx_artifact_saves_images(capsys, tmp_path, onnx_artifact):
     ref = evaluate(reference, SET5, images=["butterfly", "woman"])
     for a, b in zip(doc["images"], ref.images):
         assert abs(a["psnr_y"] - b["psnr_y"]) < 0.01
+
+
+def _eval_temp_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("edgesr-eval-*"))
+
+
+@pytest.fixture(scope="module")
+def torch_butterfly_woman():
+    return evaluate(torch_form(PLAINUSR_U), SET5, images=["butterfly", "woman"])
+
+
+def test_eval_weights_as_tflite_exports_per_size_and_runs_whole(capsys, tmp_path, torch_butterfly_woman):
+    # --weights --runtime litert: the deployed TFLite model's exact score, one export per LR size.
+    before = _eval_temp_dirs()
+    js, md = tmp_path / "t.json", tmp_path / "t.md"
+    rc, out, err = run(capsys, "eval", "--weights", PLAINUSR_U, "--dataset", SET5, "--runtime", "litert",
+                       "--images", "butterfly,woman", "--json", js, "--markdown", md)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    assert (doc["form"], doc["model"], doc["variant"], doc["scale"]) == ("tflite", "plainusr", "u", 4)
+    assert doc["mode"] == "whole image, per-size TFLite exports" and doc["tiling"] == ""
+    assert doc["runtime"].startswith("ai-edge-litert")
+    # butterfly LR 64x64, woman 86x57 (HxW): one export each, both parity-checked
+    assert [(e["input_size"], e["parity"]) for e in doc["exports"]] == [("64x64", "pass"), ("86x57", "pass")]
+    assert "per-size TFLite exports" in md.read_text() and "86x57 (pass)" in md.read_text()
+    assert err.count("exporting tflite") == 2
+    for a, b in zip(doc["images"], torch_butterfly_woman.images):
+        assert a["name"] == b["name"] and abs(a["psnr_y"] - b["psnr_y"]) <= 0.01
+    assert _eval_temp_dirs() == before  # the run's exports are gone
+
+
+def test_eval_weights_as_onnx_is_one_dynamic_export(capsys, tmp_path, torch_butterfly_woman):
+    js = tmp_path / "o.json"
+    rc, out, err = run(capsys, "eval", "--weights", PLAINUSR_U, "--dataset", SET5, "--runtime", "onnxruntime",
+                       "--images", "butterfly,woman", "--json", js)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    assert (doc["form"], doc["mode"]) == ("onnx", "whole image, one dynamic ONNX export")
+    assert [(e["input_size"], e["parity"]) for e in doc["exports"]] == [("dynamic", "pass")]
+    for a, b in zip(doc["images"], torch_butterfly_woman.images):
+        assert abs(a["psnr_y"] - b["psnr_y"]) <= 0.01
+
+
+def test_exports_are_removed_when_the_run_fails_after_exporting():
+    with pytest.raises(RuntimeError, match="stop"):
+        with exported_form(PLAINUSR_U, "litert") as form:
+            workdir = form.exporter.workdir
+            _, samples = load_samples(SET5, form, limit=["butterfly"])
+            prepare(form, samples)
+            assert len(list(workdir.glob("*.tflite"))) == 1
+            raise RuntimeError("stop")
+    assert not workdir.exists()
+
+
+@pytest.mark.arm64
+def test_eval_weights_as_tflite_on_aarch64(capsys, tmp_path, torch_butterfly_woman):
+    js = tmp_path / "arm.json"
+    rc, out, err = run(capsys, "eval", "--weights", PLAINUSR_U, "--dataset", SET5, "--runtime", "litert",
+                       "--arch", "aarch64", "--images", "butterfly", "--json", js)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    assert "aarch64" in doc["runtime"] and doc["mode"] == "whole image, per-size TFLite exports"
+    assert abs(doc["images"][0]["psnr_y"] - torch_butterfly_woman.images[0]["psnr_y"]) <= 0.01
 
 
 def test_missing_lr_is_generated_and_any_image_mode_is_read(capsys, tmp_path):
@@ -212,12 +276,29 @@ def test_artifact_without_edgesr_metadata(capsys, tmp_path, onnx_artifact):
 
 @pytest.mark.parametrize("args, needle", [
     ([], "one of them"),
-    (["--weights", PLAINUSR_U, "--runtime", "litert"], "export an artifact"),
+    (["--weights", PLAINUSR_U, "--arch", "aarch64"], "add --runtime onnxruntime or litert"),
+    (["--weights", PLAINUSR_U, "--runtime", "tensorrt"], "unknown --runtime 'tensorrt'"),
+    (["--weights", PLAINUSR_U, "--runtime", "litert", "--arch", "riscv"], "unknown --arch 'riscv'"),
     (["--weights", PLAINUSR_U, "--images", "nobody"], "no image named nobody"),
+    (["--weights", PLAINUSR_U, "--runtime", "litert", "--images", "nobody"], "no image named nobody"),
+    (["--weights", PLAINUSR_U, "--runtime", "litert", "--scale", "2"], "--scale 2 contradicts the model"),
 ])
-def test_bad_flags(capsys, args, needle):
-    rc, out, err = run(capsys, "eval", "--dataset", SET5, *args)
+def test_bad_flags(capsys, tmp_path, args, needle):
+    # Refused before any export: one line, exit 2, no report, no temp folder left behind.
+    before = _eval_temp_dirs()
+    js = tmp_path / "r.json"
+    rc, out, err = run(capsys, "eval", "--dataset", SET5, "--json", js, *args)
     assert_one_line_error(rc, err, needle)
+    assert "exporting" not in err and not js.exists() and _eval_temp_dirs() == before
+
+
+def test_aarch64_without_its_tools_fails_before_exporting(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESR_ARM64_TOOLS", str(tmp_path / "no-tools"))
+    js = tmp_path / "r.json"
+    rc, out, err = run(capsys, "eval", "--weights", PLAINUSR_U, "--dataset", SET5, "--runtime", "litert",
+                       "--arch", "aarch64", "--json", js)
+    assert_one_line_error(rc, err, "aarch64 tools not found")
+    assert "exporting" not in err and not js.exists()
 
 
 def test_artifact_on_the_wrong_runtime(capsys, onnx_artifact):

@@ -714,6 +714,7 @@ SPEC = register(
         # the DFT bases are baked per feature size, hence static-shape export only.
         size_rule=SizeRule(min_size=1, multiple_of=1),
         receptive_field=None,  # FFT blocks and global average pooling: global
+        tiling_inexact=lambda config: "FFT blocks and global average pooling see the whole input",
         dynamic_shapes=False,
         signature_keys=_SIGNATURE,
     )

@@ -463,6 +463,16 @@ def _custom_label(config: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
+def _tiling_inexact(config: Mapping[str, Any]) -> str | None:
+    """LIA (general/large kinds) resizes its pooled map back to *its input's* size by a
+    non-integer factor, so a tile's sampling grid depends on the tile's size and position;
+    the ultra kinds' LIA-Speed is a plain 3x3 conv gate, shift-equivariant."""
+    if config["kind"] == "ultra":
+        return None
+    return ("LIA pools with stride 6 and resizes bilinearly back to its input's size, so the sampling grid "
+            "depends on the tile's size and position")
+
+
 SPEC = register(
     ModelSpec(
         name="plainusr",
@@ -480,6 +490,7 @@ SPEC = register(
         # None: LIA's strided SoftPool + bilinear upsampling reach ~70+ px and shift with the
         # pooling grid (tiles differ ~1e-3 from the whole image whatever the overlap).
         receptive_field=None,
+        tiling_inexact=_tiling_inexact,
         dynamic_shapes=True,
         signature_keys=("head.weight", "block1.body.0.weight", "tail.0.weight"),
     )

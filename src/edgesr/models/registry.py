@@ -149,6 +149,14 @@ class ModelSpec:
     #: inputs within this distance.  ``None``: unbounded or not translation-exact (pooling,
     #: FFT, global statistics).  Tiled upscaling derives its default overlap from it.
     receptive_field: int | None = None
+    #: Why tiles of a config cannot reproduce its whole-image output, ``None`` when they can.
+    #: ``None`` = the deploy form is shift-equivariant on its size-rule grid (convolutions,
+    #: grid-aligned pooling, integer-factor resampling): a tile differs from the whole image
+    #: only through context cut beyond its margin, and more overlap converges to it.  A reason
+    #: = the output depends on the input's size or on whole-image statistics (a resize back to
+    #: the input's size, FFT mixing, global norms or pooling): every tiling is approximate by
+    #: construction, and only a whole-image run is the model's own output.
+    tiling_inexact: Callable[[Mapping[str, Any]], str | None] = lambda config: None
 
     def variant(self, name: str | None) -> Variant:
         name = name or self.default_variant

@@ -766,6 +766,8 @@ SAFMN_NTIRE23_SPEC = register(
         input_range=1.0,
         # The coarsest SAFM level pools to h // 16: fixed 16x16 windows are exact for multiples of 16.
         size_rule=SizeRule(min_size=MIN_SIZE_NTIRE23, multiple_of=16),
+        # GRN divides by the L2 norm over all of H x W: a tile normalises by its own statistics.
+        tiling_inexact=lambda config: "GRN normalises by whole-image statistics (L2 norm over H x W)",
         dynamic_shapes=True,
         signature_keys=("norm.gamma", "to_feat.weight", "feats.0.safm.aggr.weight", "to_img.0.weight"),
         aliases=("safmn23", "safmn_2023"),

@@ -606,6 +606,7 @@ SPEC = register(
         size_rule=SizeRule(min_size=1, multiple_of=1),
         dynamic_shapes=False,  # DFT bases are baked per input size
         receptive_field=None,  # FFT mixing: every output pixel sees the whole input
+        tiling_inexact=lambda config: "FFT mixing: every output pixel sees the whole input",
         signature_keys=(
             "blocks.0.attention.a.conv_layer.weight",
             "blocks.0.attention.layer_scale",

@@ -42,9 +42,11 @@ def register(app: typer.Typer) -> None:
         dataset: Path = typer.Option(..., "--dataset", "-d",
                                      help="HR/ [+ LR_bicubic/X{s}/] (SR), or low/ + high/ (restoration, x1)."),
         scale: Optional[int] = typer.Option(None, "--scale", help="Must agree with the model (checked)."),
-        runtime: Optional[str] = typer.Option(None, "--runtime",
-                                              help="torch (with --weights), onnxruntime or litert (artifact)."),
-        arch: Optional[str] = typer.Option(None, "--arch", help="aarch64: run the artifact under qemu."),
+        runtime: Optional[str] = typer.Option(
+            None, "--runtime", help="Artifact: its runtime (onnxruntime or litert). --weights: torch (default), or "
+            "onnxruntime / litert = export the checkpoint to that format and score each image whole "
+            "(one dynamic ONNX; one TFLite per input size)."),
+        arch: Optional[str] = typer.Option(None, "--arch", help="aarch64: run the artifact/export under qemu."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (>= 1)."),
         state_key: Optional[str] = typer.Option(None, "--state-key", help="Checkpoint wrapper to read: params or params_ema."),
         images: Optional[str] = typer.Option(None, "--images", help="Comma list of image names (a subset)."),
@@ -53,31 +55,39 @@ def register(app: typer.Typer) -> None:
         images_out: Optional[Path] = typer.Option(None, "--save-images", help="Folder for the 8-bit outputs."),
     ) -> None:
         """Score a model on an SR benchmark folder: Y-PSNR/SSIM as in the papers' tables."""
-        from ..io import atomic_write_text
-        from .engine import artifact_form, load_samples, score, torch_form
+        from contextlib import ExitStack
 
+        from ..io import atomic_write_text
         from ..runtime.runners import check_threads
+        from .engine import artifact_form, exported_form, load_samples, prepare, score, torch_form
 
         check_threads(threads)
         if (artifact is None) == (weights is None):
             raise EdgeSRError("give an ARTIFACT or --weights CHECKPOINT (one of them)")
         inputs = [p for p in (artifact, weights, dataset) if p is not None]
         _check_outputs(inputs, json_out, md_out, images_out)
-        if weights is not None:
-            if runtime not in (None, "torch") or arch is not None:
-                raise EdgeSRError("--weights runs the PyTorch train form; export an artifact for "
-                                  f"--runtime {runtime or ''} --arch {arch or ''}".rstrip())
-            form = torch_form(weights, threads=threads, state_key=state_key)
-        else:
-            form = artifact_form(artifact, arch=arch, threads=threads)
-            _check_runtime(runtime, form.form)
-        subset = [s.strip() for s in images.split(",") if s.strip()] if images else None
-        ds, samples = load_samples(dataset, form, scale, subset)  # every bad input fails here, before any run
-        bar, step = _progress_bar(len(samples), f"{form.model} {form.variant} x{form.scale} ({form.form})")
-        outputs: dict = {}
-        with bar:
-            report = score(form, ds, samples, progress=step, outputs=outputs)
+        with ExitStack() as stack:  # exports made for this run go with it, whatever happens
+            if weights is not None and runtime in (None, "torch"):
+                if arch not in (None, "x86_64"):
+                    raise EdgeSRError(f"--arch {arch} runs exported models: add --runtime onnxruntime or litert "
+                                      "to export the checkpoint for it")
+                form = torch_form(weights, threads=threads, state_key=state_key)
+            elif weights is not None:
+                form = stack.enter_context(exported_form(weights, runtime, arch=arch, threads=threads,
+                                                         state_key=state_key, on_export=_say))
+            else:
+                form = artifact_form(artifact, arch=arch, threads=threads)
+                _check_runtime(runtime, form.form)
+            subset = [s.strip() for s in images.split(",") if s.strip()] if images else None
+            ds, samples = load_samples(dataset, form, scale, subset)  # every bad input fails here, before any run
+            prepare(form, samples)  # exports (and their parity checks) before the first score
+            bar, step = _progress_bar(len(samples), f"{form.model} {form.variant} x{form.scale} ({form.form})")
+            outputs: dict = {}
+            with bar:
+                report = score(form, ds, samples, progress=step, outputs=outputs)
         _print_table(report)
+        if report.tiling:
+            err.print(f"[dim]{escape(report.tiling)}[/]")
         if json_out:
             atomic_write_text(json_out, report.to_json())
         if md_out:
@@ -87,6 +97,10 @@ def register(app: typer.Typer) -> None:
         for what, path in (("json", json_out), ("markdown", md_out), ("images", images_out)):
             if path:
                 err.print(f"[dim]{what}: {escape(str(path))}[/]")
+
+
+def _say(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
 
 
 def _check_runtime(runtime: Optional[str], fmt: str) -> None:
