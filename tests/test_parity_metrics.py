@@ -168,3 +168,18 @@ def test_markdown_lists_every_case():
 def test_metrics_dict_round_trip():
     m = compare(np.zeros((1, 3, 2, 2)), np.full((1, 3, 2, 2), 0.25))
     assert Metrics.from_dict(m.as_dict()) == m
+
+
+def test_fp16_does_not_gate_a_reference_beyond_fp16_range_but_gates_an_overflow():
+    """Trained SAFMN++ on noise: the fp32 output itself reaches 1e25, so an fp16 graph has no
+    answer there (reported, not gated); an fp16 inf where fp32 is in range still fails."""
+    t = threshold_for("fp16", "aarch64")
+    huge = np.full((1, 3, 4, 4), 1e25)
+    m = compare(huge, np.full_like(huge, np.inf))
+    assert m.ref_peak == 1e25 and t.beyond_range(m) and t.passes(m)
+    small = np.full((1, 3, 4, 4), 0.5)
+    overflow = compare(small, np.full_like(small, np.inf))
+    assert not t.beyond_range(overflow) and not t.passes(overflow)
+    assert not threshold_for("fp32").beyond_range(m)  # fp32 gates everything
+    case = ParityCase("random(seed=0) 4x4", (4, 4), "torch", "onnxruntime-aarch64", m, t.passes(m))
+    assert "not gated" in ParityReport("m.onnx", "onnx", "fp16", [case], arch="aarch64").to_markdown()
