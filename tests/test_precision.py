@@ -13,7 +13,10 @@ import pytest
 
 from edgesr.cli import main
 from edgesr.export.metadata import read_metadata
-from edgesr.export.precision import FP16_MAX, extreme_inputs, reduce_precision
+from edgesr.export.precision import (FP16_MAX, RANGE_METHODS, calibration_inputs, calibration_tensors,
+                                     candidate_ranges, collect_activations, default_calibration_dirs,
+                                     extreme_inputs, load_calibration, per_tensor_methods, reduce_precision,
+                                     uint8_error, _quantize_from_cache, _save_ranges)
 from edgesr.pipeline import export_model, obtain_model
 from edgesr.quality.engine import artifact_form, evaluate
 from edgesr.runtime.runners import open_runner
@@ -25,7 +28,8 @@ INT8_MAX_DROP_DB = 0.15
 
 # small released checkpoints, one per family that has them
 FP16_CHECKPOINTS = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth", "team23_safmnpp.pth"]
-INT8_CHECKPOINTS = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth"]  # Set5 measured -0.07, -0.12 dB
+INT8_CHECKPOINTS = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth"]
+DEFAULT_CALIBRATION_COUNT = 16  # README "Reduced precision": 4 parity photographs + 12 calibration crops
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +140,13 @@ def test_int8_onnx_within_budget_on_set5(checkpoint, fp32_artifacts, tmp_path):
     assert onnx.TensorProto.INT8 in initializer_types(dst)
     meta = read_metadata(dst)
     assert meta["precision"] == "int8"
-    assert json.loads(meta["int8_calibration"])["count"] == 4
+    assert json.loads(meta["int8_calibration"])["count"] == DEFAULT_CALIBRATION_COUNT
     assert set(json.loads(meta["int8_kept_float"])) == set(report["kept_float"])
+    # the exported range scheme is the one that lost least on the probe, and is recorded per tensor
+    drops = report["scheme_drops"]
+    assert set(RANGE_METHODS) <= set(drops) and report["calibration_method"] == min(drops, key=drops.get)
+    assert json.loads(meta["int8_range_methods"]) == report["range_methods"]
+    assert set(report["range_methods"].values()) <= set(RANGE_METHODS)
     p32, s32 = set5_y(src)
     p8, s8 = set5_y(dst)
     assert p32 - p8 <= INT8_MAX_DROP_DB, (checkpoint, p32, p8)
@@ -150,7 +159,6 @@ def test_int8_onnx_within_budget_on_set5(checkpoint, fp32_artifacts, tmp_path):
         (["--precision", "int8", "--calibration", "{empty}"], "no calibration images"),
         (["--precision", "int8", "--calibration", "{garbage}"], "can be read"),
         (["--precision", "int8", "--calibration", "{missing}"], "calibration folder not found"),
-        (["--precision", "int8", "--format", "tflite"], "ONNX only"),
         (["--precision", "fp16", "--calibration", "{empty}"], "only applies to --precision int8"),
         (["--precision", "int8", "--max-psnr-drop", "0"], "positive"),
         (["--precision", "bf16"], "unknown precision"),
@@ -195,3 +203,46 @@ def test_reduced_precision_on_aarch64_matches_x86(precision, tmp_path):
     if precision == "int8":
         assert max(c.metrics.max_abs for c in cross) * 255 <= 8  # output LSBs
         assert min(c.metrics.psnr_db for c in cross) >= 60
+
+
+def test_default_calibration_set_is_16_shipped_images_with_recorded_licences():
+    calib = load_calibration(None)
+    files = [p for d in default_calibration_dirs() for p in d.iterdir() if p.suffix == ".png"]
+    assert len(calib.images) == len(files) == DEFAULT_CALIBRATION_COUNT
+    assert calib.summary()["count"] == DEFAULT_CALIBRATION_COUNT
+    for d in default_calibration_dirs():  # every shipped image has its source and licence listed
+        readme = (d / "README.md").read_text()
+        assert all(f"`{p.name}`" in readme for p in d.glob("*.png")), d
+    assert min(min(im.shape[:2]) for im in calib.images) >= 192
+
+
+def test_int8_range_methods_differ_and_the_per_tensor_choice_reaches_the_graph(fp32_artifacts, tmp_path):
+    """On a real checkpoint and the real calibration set: percentile/entropy clip inside the
+    min/max range (somewhere strictly), the per-tensor choice never quantizes a tensor's
+    calibration values worse than min/max, and the QDQ graph's scales are the chosen ranges."""
+    src = fp32_artifacts("PlainUSRU_Rep_x4.pth")
+    proto = onnx.load(str(src))
+    xs = calibration_inputs(load_calibration(None), 4, None)[::4]  # every 4th input: enough, and fast
+    stats = collect_activations(proto, xs, calibration_tensors(proto, ("Conv",)), samples=1 << 17)
+    ranges = candidate_ranges(stats)
+    assert set(ranges) == set(RANGE_METHODS) and len(stats) >= 9
+    for m in ("percentile", "entropy"):
+        assert all(ranges["minmax"][t][0] <= lo <= hi <= ranges["minmax"][t][1] for t, (lo, hi) in ranges[m].items())
+        assert any(ranges[m][t][1] < ranges["minmax"][t][1] * 0.95 for t in stats), m
+    chosen = per_tensor_methods(stats, ranges)
+    for t, m in chosen.items():
+        assert uint8_error(stats[t].sample, *ranges[m][t]) <= uint8_error(stats[t].sample, *ranges["minmax"][t])
+    assert set(chosen.values()) != {"minmax"}  # clipping pays somewhere
+    picked = {t: ranges[m][t] for t, m in chosen.items()}
+    cache, dst = tmp_path / "ranges.json", tmp_path / "q.onnx"
+    _save_ranges(picked, cache)
+    _quantize_from_cache(src, dst, cache, [], ("Conv",))
+    q = onnx.load(str(dst))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    checked = 0
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in picked:
+            lo, hi = picked[n.input[0]]
+            assert float(inits[n.input[1]]) == pytest.approx((max(hi, 0) - min(lo, 0)) / 255, rel=1e-5)
+            checked += 1
+    assert checked >= len(picked) - 1  # every calibrated activation (the output may not be re-quantized)

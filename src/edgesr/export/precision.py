@@ -11,12 +11,18 @@ The pipeline exports and checks fp32 first; this module rewrites that file:
   attention logits are found by measurement, not by name.  The converted graph must be
   finite on the same extreme inputs.
 - **int8** (``to_int8_onnx``): onnxruntime static QDQ quantization (per-channel int8
-  weights, uint8 activations) calibrated on real images, then *accuracy-driven mixed
-  precision*: the quality drop is measured as Y-PSNR vs ground truth on the calibration
-  images (each downscaled bicubically by the model's scale, the original as ground
-  truth); if it exceeds ``max_psnr_drop`` every quantized node's float fallback is tried
-  alone and the nodes that recover most are kept in float, greedily, until the drop is
-  within budget.  The report lists every float-kept node with the dB it recovered.
+  weights, uint8 activations) calibrated on real images (default: the 16 images edgesr
+  ships for it, :func:`default_calibration_dirs`).  Activation ranges: every calibrated
+  tensor gets a min/max, a percentile and an entropy range from one pass over the
+  calibration inputs (:func:`collect_activations`, :func:`candidate_ranges`), plus a
+  per-tensor pick of the range that quantizes that tensor's own values with the least error;
+  the graph is quantized under each scheme (onnxruntime calibration caches) and the scheme
+  that loses least on the quality probe is kept.  Then *accuracy-driven mixed precision*:
+  the quality drop is measured as Y-PSNR vs ground truth on the calibration images (each
+  downscaled bicubically by the model's scale, the original as ground truth); if it exceeds
+  ``PROBE_MARGIN x max_psnr_drop`` each quantized node's float fallback is tried alone and
+  the fewest best-recovering nodes are kept in float (binary search over their count).  The
+  report lists every float-kept node with the dB it recovered and each tensor's range method.
 
 TFLite: fp16 weights via ai-edge-quantizer (``to_fp16_tflite``); int8 TFLite is not
 implemented yet (``check_request`` refuses it with one line).
@@ -43,14 +49,19 @@ FP16_MAX = 65504.0
 # fp32: fp16 rounding moves intermediate values, and other images may peak higher.
 FP16_HEADROOM = 8.0
 DEFAULT_MAX_PSNR_DROP = 0.15
-# The probe (4 photographs) under-estimates the drop on held-out images about two-fold:
-# PlainUSR-U x4 int8 measured probe 0.135 -> Set5 0.24 dB (target = budget), probe 0.072 ->
-# Set5 0.154 (0.5 x budget), probe 0.024 -> Set5 0.070 (0.4 x budget).  Mixed precision
-# therefore aims at PROBE_MARGIN x the budget on the probe.
-PROBE_MARGIN = 0.4
+# The probe under-estimates the drop on held-out benchmark images: those are easier (higher
+# fp32 PSNR), so the same int8 noise costs more dB there.  With the 4-photograph probe the
+# ratio was 2-5x; with the 17-image set (before moon.png was dropped) PlainUSR-U x4 measured probe 0.030 -> Set5
+# 0.087 dB (2.9x).  Mixed precision therefore aims at PROBE_MARGIN x the budget on the probe.
+PROBE_MARGIN = 0.3
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-# Largest low-resolution side fed to a dynamic graph during calibration/quality probes.
-MAX_CALIBRATION_SIDE = 128
+# Largest low-resolution side fed to a dynamic graph during calibration/quality probes
+# (x4: the 256-px images give 64; x2: capped at 96, the probe's cost grows with the area).
+MAX_CALIBRATION_SIDE = 96
+# Tiles per calibration image fed to the calibrator (evenly spread over the image): 16 images
+# x 8 tiles + the probe's 16 LR images (all 364 tiles took 136 s to calibrate PlainUSR x4's
+# 124 activations on the loaded 2-core machine).
+MAX_TILES_PER_IMAGE = 8
 
 
 class CalibrationError(EdgeSRError):
@@ -64,9 +75,6 @@ def check_request(fmt: str, precision: str, calibration: str | os.PathLike | Non
     """Refuse impossible combinations before any work (one line, exit 2, no artifact)."""
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if fmt != "onnx" and precision == "int8":
-        raise ExportError("--precision int8 is implemented for ONNX only so far; "
-                          "TFLite artifacts are fp32 or fp16 (issue 16)")
     if precision != "int8" and calibration is not None:
         raise ExportError("--calibration only applies to --precision int8")
     if max_psnr_drop is not None and (precision != "int8" or not max_psnr_drop > 0):
@@ -88,18 +96,32 @@ class CalibrationSet:
         return {"source": self.source, "count": len(self.images), "sizes": shapes}
 
 
-def load_calibration(directory: str | os.PathLike | None) -> CalibrationSet:
-    """Every readable image of ``directory`` (default: the photographs edgesr ships)."""
-    from PIL import Image, UnidentifiedImageError
+# The default calibration set: the 4 parity photographs (192x192) and 12 calibration crops
+# (256x256) of scikit-image's public-domain / CC0 sample images, colour photographs and
+# grey scenes and textures, coins, deep sky (licences in each folder's README).  Calibration ranges
+# and the quality probe both come from these; never from a benchmark set.
+CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "data" / "calibration"
 
+
+def default_calibration_dirs() -> list[Path]:
     from ..data import IMAGE_DIR
 
-    d = Path(directory) if directory is not None else IMAGE_DIR
-    if not d.is_dir():
-        raise CalibrationError(f"calibration folder not found: {d}")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [IMAGE_DIR, CALIBRATION_DIR]
+
+
+def load_calibration(directory: str | os.PathLike | None) -> CalibrationSet:
+    """Every readable image of ``directory`` (default: the images edgesr ships for it,
+    :func:`default_calibration_dirs`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    dirs = [Path(directory)] if directory is not None else default_calibration_dirs()
+    files = []
+    for d in dirs:
+        if not d.is_dir():
+            raise CalibrationError(f"calibration folder not found: {d}")
+        files += sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise CalibrationError(f"no calibration images ({'/'.join(IMAGE_SUFFIXES)}) in {d}")
+        raise CalibrationError(f"no calibration images ({'/'.join(IMAGE_SUFFIXES)}) in {dirs[0]}")
     images, bad = [], []
     for p in files:
         try:
@@ -108,8 +130,8 @@ def load_calibration(directory: str | os.PathLike | None) -> CalibrationSet:
         except (OSError, UnidentifiedImageError, ValueError):
             bad.append(p.name)
     if not images:
-        raise CalibrationError(f"none of the {len(files)} calibration images in {d} can be read (e.g. {bad[0]})")
-    source = "edgesr shipped photographs" if directory is None else str(d)
+        raise CalibrationError(f"none of the {len(files)} calibration images in {dirs[0]} can be read (e.g. {bad[0]})")
+    source = ("edgesr shipped images (data/images + data/calibration)" if directory is None else str(dirs[0]))
     if bad:
         source += f" ({len(bad)} unreadable skipped)"
     return CalibrationSet(images, source)
@@ -122,10 +144,10 @@ def _bicubic_down(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(Image.fromarray(hr).resize((w, h), Image.BICUBIC), dtype=np.uint8)
 
 
-# HR zoom levels of the quality probe: each calibration image is also shrunk (bicubic) before
-# it serves as ground truth, which sharpens it; a probe of the photographs at one zoom
-# under-estimated the Set5 drop of int8 graphs several-fold.
-PROBE_ZOOMS = (1.0, 0.75, 0.5)
+# HR zoom levels of the quality probe (each calibration image may also be shrunk, bicubic,
+# before it serves as ground truth).  With 4 photographs the probe used (1, 0.75, 0.5); the 16
+# default images at one zoom give larger, more varied probe images for less time.
+PROBE_ZOOMS = (1.0,)
 
 
 def quality_pairs(calib: CalibrationSet, scale: int, input_size: tuple[int, int] | None,
@@ -173,9 +195,10 @@ def calibration_inputs(calib: CalibrationSet, scale: int, input_size: tuple[int,
         f = img.astype(np.float32) / 255.0
         if f.shape[0] < h or f.shape[1] < w:
             f = fit_image(f, h, w)
-        for top in range(0, f.shape[0] - h + 1, h):
-            for left in range(0, f.shape[1] - w + 1, w):
-                out.append(np.ascontiguousarray(f[top : top + h, left : left + w].transpose(2, 0, 1)[None]))
+        corners = [(top, left) for top in range(0, f.shape[0] - h + 1, h) for left in range(0, f.shape[1] - w + 1, w)]
+        for i in np.linspace(0, len(corners) - 1, min(len(corners), MAX_TILES_PER_IMAGE)).round().astype(int):
+            top, left = corners[i]
+            out.append(np.ascontiguousarray(f[top : top + h, left : left + w].transpose(2, 0, 1)[None]))
     for x in probe:
         t, l = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
         out.append(np.ascontiguousarray(x[:, :, t : t + h, l : l + w]))
@@ -433,7 +456,7 @@ def _tflite_finite(path: Path) -> dict[str, bool]:
 @dataclass
 class Int8Report:
     calibration: dict
-    calibration_method: str
+    calibration_method: str  # the range scheme exported: minmax | percentile | entropy | per-tensor
     max_psnr_drop: float
     fp32_y_psnr: float  # on the quality pairs (calibration images, bicubic LR)
     all_int8_y_psnr: float
@@ -443,6 +466,8 @@ class Int8Report:
     candidates_tried: int = 0
     within_budget: bool = False
     seconds: float = 0.0
+    scheme_drops: dict[str, float] = field(default_factory=dict)  # probe drop, every layer int8, per range scheme
+    range_methods: dict[str, str] = field(default_factory=dict)  # activation tensor -> method of its range
 
     @property
     def drop(self) -> float:
@@ -455,6 +480,114 @@ class Int8Report:
 
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Activation range methods, as onnxruntime names them.  Percentile cuts (100 - p) / 2 % off each
+# tail (onnxruntime's asymmetric percentile); entropy is onnxruntime's KL threshold search
+# (TensorRT's), run on a histogram of RANGE_BINS bins (its default 128 bins equal the 128
+# quantized bins, which makes the search return the min/max range).
+RANGE_METHODS = ("minmax", "percentile", "entropy")
+PERCENTILE = 99.999
+RANGE_BINS = 256
+# Values kept per tensor for the percentile/entropy/error statistics: a strided subsample of
+# every calibration input (min and max are exact).
+RANGE_SAMPLES = 1 << 20
+
+
+@dataclass
+class ActivationStats:
+    lo: float
+    hi: float
+    sample: np.ndarray  # float32, a subsample of every calibration input
+
+
+def calibration_tensors(proto, op_types: Sequence[str]) -> list[str]:
+    """The activations onnxruntime's calibrator calibrates: float, non-constant inputs and
+    outputs of the ``op_types`` nodes."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.value_info, *g.input, *g.output)}
+    constants = {i.name for i in proto.graph.initializer}
+    names: list[str] = []
+    for n in proto.graph.node:
+        if n.op_type in op_types:
+            for t in (*n.input, *n.output):
+                if t and t not in constants and t not in names and types.get(t) == onnx.TensorProto.FLOAT:
+                    names.append(t)
+    return names
+
+
+def collect_activations(proto, inputs: Sequence[np.ndarray], tensors: Sequence[str],
+                        samples: int = RANGE_SAMPLES, seed: int = 0) -> dict[str, ActivationStats]:
+    """Exact min/max and a strided subsample of each tensor over ``inputs`` (any sizes: nothing
+    is batched, so calibration inputs need not share a shape)."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    graph_inputs = {i.name for i in proto.graph.input}
+    exposed = [t for t in tensors if t not in graph_inputs]
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in exposed)
+    sess = _session(m, threads=os.cpu_count() or 1)
+    rng = np.random.default_rng(seed)
+    per_input = max(1, samples // max(1, len(inputs)))
+    lo = {t: np.inf for t in tensors}
+    hi = {t: -np.inf for t in tensors}
+    parts: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    for x in inputs:
+        values = dict(zip(exposed, sess.run(None, {"input": x})))
+        values.update({t: x for t in tensors if t in graph_inputs})
+        for t in tensors:
+            v = values[t].ravel()
+            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
+            step = max(1, v.size // per_input)
+            parts[t].append(v[int(rng.integers(step)) :: step][:per_input].astype(np.float32))
+    return {t: ActivationStats(lo[t], hi[t], np.concatenate(parts[t])) for t in tensors}
+
+
+def candidate_ranges(stats: dict[str, ActivationStats]) -> dict[str, dict[str, tuple[float, float]]]:
+    """method -> tensor -> (rmin, rmax), each clamped to the tensor's observed [min, max]."""
+    import contextlib
+    import io
+
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    out: dict[str, dict[str, tuple[float, float]]] = {"minmax": {t: (s.lo, s.hi) for t, s in stats.items()}}
+    tail = (100.0 - PERCENTILE) / 200.0
+    out["percentile"] = {}
+    for t, s in stats.items():
+        a, b = np.quantile(s.sample, [tail, 1.0 - tail])
+        out["percentile"][t] = (max(s.lo, float(a)), min(s.hi, float(b)))
+    collector = HistogramCollector(method="entropy", symmetric=False, num_bins=RANGE_BINS, num_quantized_bins=128,
+                                   percentile=PERCENTILE, scenario="same")
+    with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints progress
+        collector.collect({t: s.sample for t, s in stats.items()})
+        found = collector.compute_collection_result()
+    out["entropy"] = {t: (max(s.lo, float(found[t][0])), min(s.hi, float(found[t][1]))) for t, s in stats.items()}
+    return out
+
+
+def uint8_error(x: np.ndarray, rmin: float, rmax: float) -> float:
+    """Mean squared error of ``x`` through onnxruntime's uint8 activation quantization with
+    range [rmin, rmax] (zero always representable)."""
+    rmin, rmax = min(rmin, 0.0), max(rmax, 0.0)
+    if rmax == rmin:
+        return float(np.mean(x.astype(np.float64) ** 2))
+    step = (rmax - rmin) / 255.0
+    zero = round(-rmin / step)
+    q = np.clip(np.round(x / step) + zero, 0, 255)
+    return float(np.mean(((q - zero) * step - x).astype(np.float64) ** 2))
+
+
+def per_tensor_methods(stats: dict[str, ActivationStats], ranges: dict[str, dict[str, tuple[float, float]]]) -> dict[str, str]:
+    """For each tensor the method whose range quantizes its calibration values with the least
+    squared error (ties: the first of RANGE_METHODS, i.e. the widest)."""
+    choice = {}
+    for t, s in stats.items():
+        errors = {m: uint8_error(s.sample, *ranges[m][t]) for m in RANGE_METHODS}
+        choice[t] = min(RANGE_METHODS, key=lambda m: (errors[m], RANGE_METHODS.index(m)))
+    return choice
 
 
 def to_int8_onnx(
@@ -468,9 +601,9 @@ def to_int8_onnx(
     op_types: Sequence[str] = QUANTIZED_OPS,
     log: Callable[[str], None] = lambda s: None,
 ) -> Int8Report:
-    """Static QDQ int8 of ``src`` with the fewest float-kept nodes that meet ``max_psnr_drop``."""
+    """Static QDQ int8 of ``src``: activation ranges chosen per tensor where it pays, then the
+    fewest float-kept layers that meet ``max_psnr_drop`` on the probe."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod
 
     t0 = time.perf_counter()
     pairs = quality_pairs(calib, scale, input_size, multiple_of)
@@ -478,51 +611,84 @@ def to_int8_onnx(
     fp32 = onnx.load(str(src))
     base = mean_y_psnr(fp32, pairs, scale)
     candidates = [n.name for n in fp32.graph.node if n.op_type in op_types]
+    stats = collect_activations(fp32, calib_x, calibration_tensors(fp32, op_types))
+    ranges = candidate_ranges(stats)
+    chosen = per_tensor_methods(stats, ranges)
+    schemes: dict[str, dict[str, str]] = {m: {t: m for t in stats} for m in RANGE_METHODS}
+    if chosen not in schemes.values():
+        schemes["per-tensor"] = chosen
+    log(f"calibrated {len(stats)} activations on {len(calib_x)} inputs ({time.perf_counter() - t0:.0f} s)")
     with tempfile.TemporaryDirectory(prefix="edgesr-int8-") as tmp:
         tmpdir = Path(tmp)
         trial = tmpdir / "trial.onnx"
+        caches = {}
+        for name, methods in schemes.items():  # one onnxruntime calibration cache per scheme
+            caches[name] = tmpdir / f"ranges-{name}.json"
+            _save_ranges({t: ranges[m][t] for t, m in methods.items()}, caches[name])
 
-        def drop_with(exclude: Sequence[str], method, cache: Path) -> float:
-            _quantize(src, trial, calib_x, exclude, op_types, method, cache)
+        def drop_with(exclude: Sequence[str], scheme: str) -> float:
+            _quantize_from_cache(src, trial, caches[scheme], exclude, op_types)
             return base - mean_y_psnr(trial, pairs, scale)
 
-        # Pick the calibration method that loses least with everything quantized.
-        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-        drops = {k: drop_with([], m, tmpdir / f"{k}.json") for k, m in methods.items()}
-        name = min(drops, key=drops.get)
-        method, cache = methods[name], tmpdir / f"{name}.json"
-        log(f"all int8: drop {drops[name]:.3f} dB ({name}); others {drops}")
-        all_drop = drops[name]
+        # Every layer int8 under each range scheme; the scheme that loses least is exported.
+        drops = {name: drop_with([], name) for name in schemes}
+        scheme = min(drops, key=drops.get)
+        log(f"all int8: drop {drops[scheme]:.3f} dB ({scheme}); all schemes {drops}")
+        all_drop = drops[scheme]
         kept: dict[str, str] = {}
         tried = 0
-        current = all_drop
         target = max_psnr_drop * PROBE_MARGIN
         if all_drop > target:
             recovery = {}
             for c in candidates:
-                recovery[c] = all_drop - drop_with([c], method, cache)
+                recovery[c] = all_drop - drop_with([c], scheme)
                 tried += 1
-            # Individual recoveries interact; when the helpful ones are not enough the rest
-            # follow in the same order (worst case: everything float, the fp32 quality).
+            # Keep float the k layers that recover most alone, k the smallest that meets the
+            # target: a binary search over k (log2(n) trials instead of one per kept layer),
+            # assuming more float layers never lose quality (k = n is the fp32 graph).
             order = sorted(candidates, key=lambda c: -recovery[c])
-            for c in order:
-                kept[c] = f"float fallback alone recovers {recovery[c]:.3f} dB of {all_drop:.3f}"
-                current = drop_with(list(kept), method, cache)
-                log(f"keep {c} in float: drop {current:.3f} dB")
-                if current <= target:
-                    break
+            low, high = 1, len(order)
+            while low < high:
+                mid = (low + high) // 2
+                d = drop_with(order[:mid], scheme)
+                tried += 1
+                log(f"{mid} layer(s) float: drop {d:.3f} dB")
+                low, high = (low, mid) if d <= target else (mid + 1, high)
+            kept = {c: f"float fallback alone recovers {recovery[c]:.3f} dB of {all_drop:.3f}" for c in order[:low]}
         if len(kept) == len(candidates):
             raise ExportError(f"int8 cannot meet --max-psnr-drop {max_psnr_drop:g} dB: quantizing all "
                               f"{len(candidates)} {'/'.join(op_types)} layers loses {all_drop:.2f} dB and every "
                               "layer had to stay float; export fp16, or allow a larger --max-psnr-drop")
-        _quantize(src, dst, calib_x, list(kept), op_types, method, cache)
+        _quantize_from_cache(src, dst, caches[scheme], list(kept), op_types)
     final = mean_y_psnr(dst, pairs, scale)
-    return Int8Report(calib.summary(), name, max_psnr_drop, round(base, 4), round(base - all_drop, 4), round(final, 4),
+    summary = {**calib.summary(), "inputs": len(calib_x),
+               "input_sizes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib_x}), "probe_pairs": len(pairs)}
+    return Int8Report(summary, scheme, max_psnr_drop, round(base, 4), round(base - all_drop, 4), round(final, 4),
                       kept, len(candidates) - len(kept), tried, base - final <= target,
-                      round(time.perf_counter() - t0, 2))
+                      round(time.perf_counter() - t0, 2), {k: round(v, 4) for k, v in drops.items()},
+                      schemes[scheme])
+
+
+def _save_ranges(ranges: dict[str, tuple[float, float]], path: Path) -> None:
+    """An onnxruntime calibration cache (MinMax) holding the given per-tensor ranges."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    data = {t: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for t, (lo, hi) in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+
+
+def _quantize_from_cache(src: Path, dst: Path, cache: Path, exclude, op_types) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types),
+                    nodes_to_exclude=list(exclude), calibration_cache_path=str(cache))
 
 
 def _quantize(src: Path, dst: Path, inputs: Sequence[np.ndarray], exclude, op_types, method, cache: Path) -> None:
+    """onnxruntime's own calibration with one ``method`` for every tensor (the benchmark's naive int8)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -549,9 +715,10 @@ def metadata_entries(precision: str, report) -> dict[str, str]:
     if precision == "int8":
         out["int8_calibration"] = json.dumps(d["calibration"])
         out["int8_kept_float"] = json.dumps(d["kept_float"])
-        out["int8_quality"] = json.dumps({k: d[k] for k in ("calibration_method", "fp32_y_psnr", "all_int8_y_psnr",
-                                                           "final_y_psnr", "psnr_drop", "max_psnr_drop",
-                                                           "within_budget")})
+        out["int8_range_methods"] = json.dumps(d["range_methods"])
+        out["int8_quality"] = json.dumps({k: d[k] for k in ("calibration_method", "scheme_drops", "fp32_y_psnr",
+                                                           "all_int8_y_psnr", "final_y_psnr", "psnr_drop",
+                                                           "max_psnr_drop", "within_budget")})
     return out
 
 
@@ -596,6 +763,11 @@ def reduce_precision(
             h, w = audit_size(size, dynamic, multiple_of)
             photos = [sample_input(h, w, n) for n in image_names()]
             report = to_fp16_onnx(artifact, tmp, (h, w), photos)
+        elif artifact.suffix == ".tflite":
+            from .int8_tflite import to_int8_tflite
+
+            report = to_int8_tflite(artifact, tmp, load_calibration(calibration), scale, size,
+                                    max_psnr_drop or DEFAULT_MAX_PSNR_DROP, multiple_of, log=log)
         else:
             calib = load_calibration(calibration)
             report = to_int8_onnx(artifact, tmp, calib, scale, None if dynamic else size,
@@ -623,8 +795,13 @@ def precision_markdown(report: dict) -> list[str]:
                          "(not audited; no fp16 graph can answer there)")
     else:
         c = report.get("calibration", {})
+        methods = collections.Counter(report.get("range_methods", {}).values())
         lines += [
-            f"- calibration: {c.get('count')} image(s) from {c.get('source')}, method {report.get('calibration_method')}",
+            f"- calibration: {c.get('count')} image(s) from {c.get('source')} ({c.get('inputs')} inputs of "
+            f"{', '.join(c.get('input_sizes', []))}; probe {c.get('probe_pairs')} LR/HR pairs)",
+            f"- activation ranges: {report.get('calibration_method')} "
+            f"({', '.join(f'{n} {m}' for m, n in sorted(methods.items()))}); probe drop with every layer int8 per "
+            f"scheme: {', '.join(f'{k} {v}' for k, v in report.get('scheme_drops', {}).items())} dB",
             f"- probe Y-PSNR: fp32 {report.get('fp32_y_psnr')} dB, all int8 {report.get('all_int8_y_psnr')} dB, "
             f"exported {report.get('final_y_psnr')} dB (drop {report.get('psnr_drop')} dB; "
             f"budget {report.get('max_psnr_drop')} dB, aimed at {PROBE_MARGIN:g} x on the probe)",
