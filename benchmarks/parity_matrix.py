@@ -50,9 +50,9 @@ def _label(cell, dynamic=False) -> str:
     return cell.id + (" (dynamic)" if dynamic else "") + (" (trained)" if cell.weights else "")
 
 
-def _arm_report(cell, rep, d: Path, fmt: str) -> tuple[int, dict]:
-    jpath = d / f"{cell.id}.{fmt}.arm.json"
-    rc = cli(parity_args(cell, rep["artifact_path"], "aarch64", jpath))
+def _parity_report(cell, rep, d: Path, fmt: str, arch: str = "aarch64", photos: bool = False) -> tuple[int, dict]:
+    jpath = d / f"{cell.id}.{fmt}.{arch}.json"
+    rc = cli(parity_args(cell, rep["artifact_path"], arch, jpath, photos=photos))
     return rc, json.loads(jpath.read_text())
 
 
@@ -63,7 +63,7 @@ def fp32_row(cell, fmt, dyn, arm, d) -> tuple[list[str], bool]:
     x86_max, x86_psnr = _worst_all(rep.get("parity", {}).get("cases", []))
     arm_torch = arm_x86 = "-"
     if arm and ok and not dyn:
-        rc, arm_rep = _arm_report(cell, rep, d, fmt)
+        rc, arm_rep = _parity_report(cell, rep, d, fmt)
         ok = ok and rc == 0
         arm_torch = _worst_all(arm_rep["cases"], lambda c: "torch" in c["reference"])[0]
         arm_x86 = _worst_all(arm_rep["cases"], lambda c: "torch" not in c["reference"])[0]
@@ -81,12 +81,15 @@ def precision_row(cell, fmt, arm, d) -> tuple[list[str], bool, str | None]:
     t = time.perf_counter()
     rep = export_cell(cell, fmt, d)
     ok = rep["exit_code"] == 0 and rep.get("passed") is True
-    x86_cases = rep.get("parity", {}).get("cases", [])
-    x86_max, x86_psnr = _fmt_worst(x86_cases, cell.precision, "x86_64")
-    arm_max = arm_psnr = cross = diff = "-"
+    x86_max = x86_psnr = arm_max = arm_psnr = cross = diff = "-"
     line = None
+    if ok:  # as tests/test_matrix.py: `edgesr parity` over every shipped photograph (+ noise)
+        rc, x86_rep = _parity_report(cell, rep, d, fmt, "x86_64", photos=True)
+        ok = rc == 0
+        x86_cases = x86_rep["cases"]
+        x86_max, x86_psnr = _fmt_worst(x86_cases, cell.precision, "x86_64")
     if arm and ok:
-        rc, arm_rep = _arm_report(cell, rep, d, fmt)
+        rc, arm_rep = _parity_report(cell, rep, d, fmt, "aarch64", photos=True)
         ok = ok and rc == 0
         arm_max, arm_psnr = _fmt_worst(arm_rep["cases"], cell.precision, "aarch64")
         x = cross_arch(x86_cases, arm_rep["cases"])
@@ -113,6 +116,13 @@ def _existing_rows(out: Path) -> dict[tuple[str, str], str]:
     return rows
 
 
+def _existing_notes(out: Path) -> list[str]:
+    """The int8 aarch64-vs-x86 lines of a previously generated file (kept by --only runs that skip them)."""
+    if not out.exists():
+        return []
+    return [line for line in out.read_text().splitlines() if line.startswith("- ") and "output LSB" in line]
+
+
 def run(arm: bool, out: Path, only: list[str]) -> int:
     keep = _existing_rows(out) if only else {}
 
@@ -137,6 +147,8 @@ def run(arm: bool, out: Path, only: list[str]) -> int:
                 prec_lines.append(keep[(PRECISION_HEADER, key)])
                 continue
             row, ok, line = precision_row(cell, fmt, arm, d)
+            if line and cell.precision == "int8":
+                notes.append(f"- {line}")
             failures += not ok
             prec_lines.append("| " + " | ".join(row) + " |")
             print(prec_lines[-1], flush=True)
@@ -163,13 +175,18 @@ def run(arm: bool, out: Path, only: list[str]) -> int:
         "default 0.15 dB budget) vs the **fp32** PyTorch model, judged by the precision's gate",
         "(`runtime/parity.py` `threshold_for`; fp16 on aarch64 has its own: ORT computes fp16 there).",
         "max-abs / PSNR are the worst over the gated inputs (fp16: noise + photograph, PSNR relative to",
-        "max(1, output peak); int8: the photograph, noise is reported in the JSON but not gated).",
-        "aarch64 vs x86: the same artifact, photograph, in 8-bit output steps (1 LSB = 1/255);",
+        "max(1, output peak); int8: the photographs, noise is reported in the JSON but not gated), by",
+        "`edgesr parity --images <the 4 shipped photographs>` on each architecture after the export.",
+        "aarch64 vs x86: the same artifact, worst photograph, in 8-bit output steps (1 LSB = 1/255);",
         "PSNR aarch64 - x86: PSNR vs fp32 PyTorch on aarch64 minus the same on x86.",
         "",
         PRECISION_HEADER,
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *prec_lines,
+        "",
+        "int8, aarch64 vs x86 (`tests/test_matrix.py::test_int8_aarch64_vs_x86_in_output_lsbs`):",
+        "",
+        *(notes or _existing_notes(out)),
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
