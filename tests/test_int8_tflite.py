@@ -1,0 +1,102 @@
+"""int8 TFLite (issue 16): a released checkpoint exported through the CLI with
+``--precision int8``, run on ai-edge-litert (XNNPACK), gated on Set5 Y-PSNR against the fp32
+TFLite artifact; the file really computes in int8 and keeps float32 input/output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert.tools import flatbuffer_utils as fu
+
+from edgesr.cli import main
+from edgesr.export.metadata import read_metadata
+from edgesr.export.precision import extreme_inputs, load_calibration
+from edgesr.pipeline import export_model, obtain_model
+from edgesr.quality.engine import artifact_form, evaluate
+from edgesr.runtime.runners import LiteRTRunner
+
+CKPT = Path("/work/shared/checkpoints")
+SET5 = Path("/work/shared/datasets/Set5")
+WEIGHTS = CKPT / "PlainUSRU_Rep_x4.pth"
+INT8_MAX_DROP_DB = 0.15  # issue 16 gate, Y-PSNR vs the fp32 artifact on Set5
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "pu_int8.tflite"
+    rc = main(["export", "--weights", str(WEIGHTS), "--format", "tflite", "--input-size", "64",
+               "--precision", "int8", "-o", str(out)])
+    assert rc == 0
+    return out
+
+
+def set5_y(path: Path) -> tuple[float, float]:
+    m = evaluate(artifact_form(path, threads=2), SET5).mean
+    return m["psnr_y"], m["ssim_y"]
+
+
+def op_input_types(path: Path) -> list[tuple[str, list[str]]]:
+    """(op name, dtypes of all its inputs) per operator, read from the flatbuffer."""
+    m = fu.read_model_from_bytearray(path.read_bytes())
+    sg = m.subgraphs[0]
+    return [(fu.opcode_to_name(m, op.opcodeIndex), [fu.type_to_name(sg.tensors[i].type) for i in op.inputs if i >= 0])
+            for op in sg.operators]
+
+
+def test_int8_tflite_within_budget_of_fp32_on_set5(int8_artifact, tmp_path):
+    src = tmp_path / "pu_fp32.tflite"
+    export_model(obtain_model(None, weights=WEIGHTS), "tflite", size=(64, 64), output=src, verify=False)
+    p32, s32 = set5_y(src)
+    p8, s8 = set5_y(int8_artifact)
+    # measured: 30.7684 -> 30.6538 (-0.115 dB), SSIM 0.8698 -> 0.8663
+    assert p32 - p8 <= INT8_MAX_DROP_DB, (p32, p8)
+    assert s32 - s8 <= 0.005, (s32, s8)
+    assert p32 - p8 > 0.0  # int8 is not free: something is quantized
+
+
+def test_int8_tflite_computes_in_int8_with_float_io(int8_artifact):
+    ops = op_input_types(int8_artifact)
+    convs = [types for name, types in ops if name == "CONV_2D"]
+    int8_convs = [t for t in convs if t[:2] == ["INT8", "INT8"]]  # int8 activations and int8 weights
+    assert int8_convs, ops
+    assert all(t[2] == "INT32" for t in int8_convs)  # int32 bias: full-integer kernels
+    assert any(name == "QUANTIZE" for name, _ in ops) and any(name == "DEQUANTIZE" for name, _ in ops)
+    runner = LiteRTRunner(int8_artifact, threads=2)
+    assert runner._in["dtype"] == np.float32 and runner._out["dtype"] == np.float32  # the artifact contract
+    for name, x in extreme_inputs(64, 64).items():
+        y = runner.run(x)
+        assert y.shape == (1, 3, 256, 256) and np.isfinite(y).all(), name
+
+
+def test_int8_tflite_metadata_and_report_name_what_stayed_float(int8_artifact):
+    meta = read_metadata(int8_artifact)
+    assert meta["precision"] == "int8" and meta["model"] == "plainusr"  # edgesr metadata carried over
+    calibration = json.loads(meta["int8_calibration"])
+    assert calibration["count"] == len(load_calibration(None).images) and calibration["probe_pairs"] >= 2
+    quality = json.loads(meta["int8_quality"])
+    assert quality["within_budget"] and quality["psnr_drop"] <= INT8_MAX_DROP_DB
+    kept = json.loads(meta["int8_kept_float"])
+    # PlainUSR's LeakyReLU has no int8 form in ai-edge-quantizer; the head conv costs 0.57 dB alone
+    assert any(k.startswith("LEAKY_RELU") and "no int8" in v for k, v in kept.items()), kept
+    assert any("Conv2d_head" in k and "alone costs" in v for k, v in kept.items()), kept
+    report = json.loads(int8_artifact.with_suffix(".tflite.json").read_text())
+    assert report["passed"] and report["parity"]["precision"] == "int8"
+    assert report["precision"]["int8_ops"] >= 10 and report["precision"]["float_ops"]["LEAKY_RELU"] == 3
+    md = int8_artifact.with_suffix(".tflite.md").read_text()
+    assert "## Precision: int8" in md and "Conv2d_head" in md
+
+
+def test_int8_tflite_with_unreadable_calibration_is_one_line_exit_2(tmp_path, capsys):
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "a.png").write_bytes(b"not a png")
+    out = tmp_path / "out" / "m.tflite"
+    rc = main(["export", "--weights", str(WEIGHTS), "--format", "tflite", "--input-size", "64",
+               "--precision", "int8", "--calibration", str(garbage), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "can be read" in err[0], err
+    assert not out.exists() and not (tmp_path / "out").exists()
