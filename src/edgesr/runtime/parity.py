@@ -320,17 +320,17 @@ class ParityReport:
             "",
             f"Why: {t.note}.",
             "",
-            "| input | size | reference | candidate | max-abs | mean-abs | PSNR (dB) | ok |",
-            "|---|---|---|---|---|---|---|---|",
+            "| input | size | reference | candidate | max-abs | mean-abs | PSNR (dB) | PSNR, peak max(1, output peak) (dB) | ok |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for c in self.cases:
             m = c.metrics
             lines.append(
                 f"| {c.input} | {c.size[0]}x{c.size[1]} | {c.reference} | {c.candidate} | "
-                f"{m.max_abs:.2e} | {m.mean_abs:.2e} | {m.psnr_db:.1f} | {_verdict(c, t)} |"
+                f"{m.max_abs:.2e} | {m.mean_abs:.2e} | {m.psnr_db:.1f} | {relative_psnr(m):.1f} | {_verdict(c, t)} |"
             )
         if not self.cases:
-            lines.append("| (no cases) | | | | | | | **NO** |")
+            lines.append("| (no cases) | | | | | | | | **NO** |")
         if self.versions:
             lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.versions.items()))]
         return "\n".join(lines) + "\n"
