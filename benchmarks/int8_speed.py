@@ -45,6 +45,16 @@ CKPT = Path("/work/shared/checkpoints")
 DEFAULT = ["PlainUSRU_Rep_x4.pth", "PlainUSRT_Rep_x4.pth", "team38_span_ch28_slim.pth"]
 
 
+def int8_isa() -> str:
+    """Which int8 dot-product instructions the CPU has: what int8 kernels can gain here."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return "int8 ISA unknown"
+    have = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
+    return ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in have.items())
+
+
 def onnx_forms(checkpoint: Path, loaded, work: Path) -> dict[str, Path]:
     from edgesr.export.precision import _quantize, calibration_inputs, load_calibration, reduce_precision
     from edgesr.pipeline import export_model
@@ -207,8 +217,9 @@ def main() -> None:
     from edgesr.pipeline import obtain_model
 
     t0 = time.perf_counter()
-    print(f"Machine: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores; {args.size}x{args.size} input; "
-          f"median of {args.runs} interleaved runs; load average {os.getloadavg()[0]:.2f} before.\n")
+    print(f"Machine: {cpu_name()} ({cpu_flags()}; {int8_isa()}), {os.cpu_count()} cores; "
+          f"{args.size}x{args.size} input; median of {args.runs} interleaved runs; "
+          f"load average {os.getloadavg()[0]:.2f} before.\n")
     rows, headline, profiles = [], [], []
     work = Path(tempfile.mkdtemp(prefix="edgesr-int8-speed-"))
     try:
@@ -238,7 +249,8 @@ def main() -> None:
     print("\n| checkpoint | threads | form | median ms | vs fp32 of the same runtime |")
     print("|---|---:|---|---:|---:|")
     print("\n".join(rows))
-    print("\n| checkpoint | threads | best fp32 (ms) | best int8 as exported (ms, speed-up) | best int8 any (ms, speed-up) |")
+    print("\n| checkpoint | threads | best fp32 (ms) | best int8 as exported (ms, speed-up) "
+          "| best int8 any (ms, speed-up) |")
     print("|---|---:|---|---|---|")
     print("\n".join(headline))
     if profiles:
