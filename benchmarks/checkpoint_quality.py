@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/checkpoint_quality.py [--checkpoints DIR] [--dataset DIR] [--out FILE]
 
-For each checkpoint: load (architecture detected), score the train form with PyTorch, export
-a dynamic ONNX (scored whole-image on onnxruntime) and a 64x64 TFLite (scored tiled on
-LiteRT/XNNPACK), each export parity-verified against PyTorch.  Scores follow the papers'
-protocol (edgesr.quality.metrics): Y-PSNR/SSIM, shave = scale, 8-bit outputs.  A
-checkpoint that does not load gets a row saying why.  CI runs the same gates on one
-checkpoint per family (tests/test_quality.py).
+For each checkpoint: load (architecture detected), score the train form with PyTorch, then
+the deployed forms, every export parity-verified against PyTorch:
+- ONNX: one dynamic export, every image whole on onnxruntime (``eval --weights --runtime onnxruntime``);
+- TFLite tiled: one 64x64 export, images tiled (``eval ARTIFACT.tflite``);
+- TFLite exact: one export per Set5 input size, every image whole on LiteRT/XNNPACK
+  (``eval --weights --runtime litert``): the deployed model's own score.
+Scores follow the papers' protocol (edgesr.quality.metrics): Y-PSNR/SSIM, shave = scale,
+8-bit outputs.  A checkpoint that does not load gets a row saying why.  CI runs the same
+gates (tests/test_quality.py; per-size TFLite on a Set5 subset for most checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from edgesr.errors import EdgeSRError
 from edgesr.io import atomic_write_text
 from edgesr.pipeline import export_model, obtain_model, runtime_versions
 from edgesr.quality.dataset import open_dataset
-from edgesr.quality.engine import TILE_OVERLAP, artifact_form, score, torch_form
+from edgesr.models.registry import get_spec
+from edgesr.quality.engine import TILE_OVERLAP, artifact_form, exported_form, score, torch_form
 
 ROOT = Path(__file__).resolve().parents[1]
 TFLITE_SIZE = (64, 64)
@@ -50,11 +54,23 @@ def evaluate_checkpoint(path: Path, dataset: Path, workdir: Path) -> dict:
     t = time.perf_counter()
     row.update(model=form.model, variant=form.variant, scale=form.scale, torch=score(form, ds, samples).mean)
     loaded = obtain_model(None, weights=path)
+    row["tiling_inexact"] = get_spec(form.model).tiling_inexact(loaded.model.edgesr_info["config"])
     parity = []
-    for fmt, kwargs in (("onnx", {"dynamic": True}), ("tflite", {"size": TFLITE_SIZE})):
-        outcome = export_model(loaded, fmt, output=workdir / f"{path.stem}.{fmt}", **kwargs)
-        parity.append(outcome.passed)
-        row[fmt] = score(artifact_form(outcome.artifact), ds, samples).mean
+    try:
+        tiled = export_model(loaded, "tflite", size=TFLITE_SIZE, output=workdir / f"{path.stem}.tflite")
+        parity.append(tiled.passed)
+        row["tflite"] = score(artifact_form(tiled.artifact), ds, samples).mean
+        for key, runtime in (("onnx", "onnxruntime"), ("tflite_exact", "litert")):
+            t_form = time.perf_counter()
+            with exported_form(path, runtime) as exported:
+                report = score(exported, ds, samples)
+            parity += [e["parity"] == "pass" for e in report.exports]
+            row[key] = report.mean
+            row[f"{key}_exports"] = [e["input_size"] for e in report.exports]
+            row[f"{key}_seconds"] = time.perf_counter() - t_form
+    except EdgeSRError as e:  # a failed parity check: the row says so, the other checkpoints still run
+        row["error"] = str(e)
+        return row
     row["parity"] = "pass" if all(parity) else "**FAIL**"
     row["seconds"] = time.perf_counter() - t
     return row
@@ -71,27 +87,38 @@ def markdown(rows: list[dict], dataset: Path) -> str:
         f"torch = train form in PyTorch {versions.get('torch')}, whole image; "
         f"ONNX = dynamic export on onnxruntime {versions.get('onnxruntime')}, whole image; "
         f"TFLite = {TFLITE_SIZE[0]}x{TFLITE_SIZE[1]} export on ai-edge-litert {versions.get('ai-edge-litert')} "
-        f"(XNNPACK), tiled with {TILE_OVERLAP} px overlap. Δ = form − torch (dB). "
-        "Parity: both exports' own check against PyTorch (noise + photograph). "
-        "A fixed-size artifact sees less context per tile than the whole image; models whose pooled "
-        "attention reaches far (PlainUSR's LIA) move by up to ~0.02 dB tiled.",
+        f"(XNNPACK), tiled with {TILE_OVERLAP} px overlap; TFLite exact = one TFLite export per Set5 input size "
+        "(`eval --weights CKPT --runtime litert`), every image whole: the deployed model's own score. "
+        "Δ = form − torch (dB). Parity: every export's own check against PyTorch (noise + photograph "
+        "at its size). Shift-equivariant (`ModelSpec.tiling_inexact`): tiles can only differ from the "
+        "whole image through context cut at the tile margin; for the others (PlainUSR's LIA resizes its "
+        "pooled map back to its input's size; SAFMN-2023's GRN divides by whole-image norms) every "
+        "tiling is approximate by construction and the exact column is the reference.",
         "",
         "| checkpoint | model | variant | scale | torch PSNR / SSIM | ONNX PSNR / SSIM (Δ) | "
-        "TFLite PSNR / SSIM (Δ) | parity |",
-        "|---|---|---|---|---|---|---|---|",
+        "TFLite tiled PSNR / SSIM (Δ) | TFLite exact PSNR / SSIM (Δ) | shift-equivariant | parity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "torch" not in r:
+            lines.append(f"| {r['checkpoint']} | – | – | – | does not load: {r['error']} | – | – | – | – | – |")
+            continue
         if "error" in r:
-            lines.append(f"| {r['checkpoint']} | – | – | – | does not load: {r['error']} | – | – | – |")
+            lines.append(f"| {r['checkpoint']} | {r['model']} | {r['variant']} | x{r['scale']} | – | – | – | – | – | "
+                         f"**{r['error']}** |")
             continue
         t = r["torch"]
         cells = [f"{t['psnr_y']:.3f} / {t['ssim_y']:.4f}"]
-        for fmt in ("onnx", "tflite"):
+        for fmt in ("onnx", "tflite", "tflite_exact"):
             m = r[fmt]
             delta = round(m["psnr_y"] - t["psnr_y"], 4) + 0.0  # + 0.0: no "-0.0000"
             cells.append(f"{m['psnr_y']:.3f} / {m['ssim_y']:.4f} ({delta:+.4f})")
+        cells.append("yes" if r["tiling_inexact"] is None else "no")
         lines.append(f"| {r['checkpoint']} | {r['model']} | {r['variant']} | x{r['scale']} | "
                      + " | ".join(cells) + f" | {r['parity']} |")
+    lines += ["", "TFLite exact: sizes exported and wall seconds (export + parity + scoring) per checkpoint: "
+              + "; ".join(f"{r['checkpoint']} {len(r['tflite_exact_exports'])} sizes, {r['tflite_exact_seconds']:.0f} s"
+                          for r in rows if "tflite_exact_exports" in r) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, args.dataset)
     atomic_write_text(args.out, text)
     print(text)
-    failed = [r for r in rows if r.get("parity") == "**FAIL**"]
+    failed = [r for r in rows if r.get("parity") == "**FAIL**" or "error" in r]
     return 1 if failed else 0
 
 
