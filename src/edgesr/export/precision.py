@@ -24,8 +24,8 @@ The pipeline exports and checks fp32 first; this module rewrites that file:
   the fewest best-recovering nodes are kept in float (binary search over their count).  The
   report lists every float-kept node with the dB it recovered and each tensor's range method.
 
-TFLite: fp16 weights via ai-edge-quantizer (``to_fp16_tflite``); int8 TFLite is not
-implemented yet (``check_request`` refuses it with one line).
+TFLite: fp16 weights via ai-edge-quantizer (``to_fp16_tflite``); calibrated int8 TFLite
+(ai-edge-quantizer ``static_wi8_ai8``, the same calibration set) lives in ``int8_tflite.py``.
 """
 
 from __future__ import annotations
