@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from precision import cpu_flags, cpu_name  # noqa: E402  (benchmarks/precision.py)
+from precision import cpu_flag_set, cpu_flags, cpu_name  # noqa: E402  (benchmarks/precision.py)
 
 CKPT = Path("/work/shared/checkpoints")
 DEFAULT = ["PlainUSRU_Rep_x4.pth", "PlainUSRT_Rep_x4.pth", "team38_span_ch28_slim.pth"]
@@ -47,9 +47,8 @@ DEFAULT = ["PlainUSRU_Rep_x4.pth", "PlainUSRT_Rep_x4.pth", "team38_span_ch28_sli
 
 def int8_isa() -> str:
     """Which int8 dot-product instructions the CPU has: what int8 kernels can gain here."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
+    flags = cpu_flag_set()
+    if flags is None:
         return "int8 ISA unknown"
     have = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
     return ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in have.items())

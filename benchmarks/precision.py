@@ -42,16 +42,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> str:
+def cpu_flag_set() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where it cannot be read)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "avx512_fp16")
-                                 if f in have)
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return "?"
+    return None
+
+
+def cpu_flags() -> str:
+    have = cpu_flag_set()
+    if have is None:
+        return "?"
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "avx512_fp16") if f in have)
 
 
 def forms(checkpoint: Path, work: Path) -> dict[str, Path]:
