@@ -113,6 +113,8 @@ def test_reduced_precision_vs_fp32_torch_on_x86_and_aarch64(cell, fmt, matrix_di
               f"(gate >= {gate.min_psnr_db:g})")
         assert psnr >= gate.min_psnr_db and max_abs <= gate.max_abs * max(
             c["metrics"]["ref_peak"] for c in vs_torch)
+        real = [c for c in vs_torch if not c["input"].startswith("random")]
+        assert worst(real)[1] >= (gate.min_real_psnr_db or gate.min_psnr_db), (where, worst(real))
 
 
 @pytest.mark.parametrize("cell,fmt", [(c, f) for c, f in jobs(PRECISION_CELLS) if c.precision == "int8"],

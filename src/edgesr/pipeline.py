@@ -248,7 +248,7 @@ def verify_artifact(artifact: Path, reference: nn.Module, input_range: float, se
         out = art_runner.run(x)
         m = compare(ref, out)
         cases.append(ParityCase(input=label, size=tuple(x.shape[2:]), reference=ref_runner.name,
-                                candidate=art_runner.name, metrics=m, passed=gate.passes(m) or not gate.gates(label)))
+                                candidate=art_runner.name, metrics=m, passed=gate.judge(label, m)))
     return ParityReport(artifact=str(artifact.name), format=fmt, precision=precision, cases=cases,
                         versions=runtime_versions())
 
