@@ -2,7 +2,7 @@
 """fp16 / int8 vs fp32 ONNX latency (onnxruntime CPU), per checkpoint, 256x256, 1 and 2 threads.
 
     python benchmarks/precision.py                      # PlainUSR-U x4, SPAN-28 x4, PlainUSR x4
-    python benchmarks/precision.py --checkpoints /work/shared/checkpoints/PlainUSR_Rep_x4.pth --profile
+    python benchmarks/precision.py --checkpoints ../shared/checkpoints/PlainUSR_Rep_x4.pth --profile
 
 For each checkpoint: the dynamic fp32 ONNX export, its fp16 conversion, its naive int8
 (every Conv quantized, no float fallback) and the mixed-precision int8 that ``edgesr export
@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CKPT = Path("/work/shared/checkpoints")
+# the shared checkpoints beside the clone (../shared/checkpoints)
+CKPT = Path(__file__).resolve().parents[1].parent / "shared" / "checkpoints"
 DEFAULT = ["PlainUSRU_Rep_x4.pth", "team38_span_ch28_slim.pth", "PlainUSR_Rep_x4.pth"]
 
 
