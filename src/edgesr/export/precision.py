@@ -18,11 +18,15 @@ The pipeline exports and checks fp32 first; this module rewrites that file:
   per-tensor pick of the range that quantizes that tensor's own values with the least error;
   the graph is quantized under each scheme (onnxruntime calibration caches) and the scheme
   that loses least on the quality probe is kept.  Then *accuracy-driven mixed precision*:
-  the quality drop is measured as Y-PSNR vs ground truth on the calibration images (each
-  downscaled bicubically by the model's scale, the original as ground truth); if it exceeds
-  ``PROBE_MARGIN x max_psnr_drop`` each quantized node's float fallback is tried alone and
-  the fewest best-recovering nodes are kept in float (binary search over their count).  The
-  report lists every float-kept node with the dB it recovered and each tensor's range method.
+  the quality probe is the calibration images (each downscaled bicubically by the model's
+  scale, the original as ground truth), and a graph is judged by the Y-PSNR drop its int8
+  output *noise* predicts (:class:`NoiseProbe`: 10 log10(1 + noise / fp32 error) per image),
+  not by the measured PSNR difference, which lucky noise can make small or negative on the
+  probe.  If every layer int8 exceeds ``NOISE_MARGIN x max_psnr_drop``, each layer is made
+  int8 *alone* (the noise it adds) and the quietest k layers are int8, k the largest that
+  meets the target (binary search).  The report lists every float-kept node with its
+  predicted cost and each tensor's range method.  Deterministic: same graph and calibration,
+  same file.
 
 TFLite: fp16 weights via ai-edge-quantizer (``to_fp16_tflite``); calibrated int8 TFLite
 (ai-edge-quantizer ``static_wi8_ai8``, the same calibration set) lives in ``int8_tflite.py``.
@@ -469,6 +473,10 @@ class Int8Report:
     seconds: float = 0.0
     scheme_drops: dict[str, float] = field(default_factory=dict)  # probe drop, every layer int8, per range scheme
     range_methods: dict[str, str] = field(default_factory=dict)  # activation tensor -> method of its range
+    # ONNX: the drop the exported graph's output noise predicts on the probe
+    # (:func:`noise_drop`; what the search targets), and that target
+    predicted_drop: float | None = None
+    target_drop: float | None = None
 
     @property
     def drop(self) -> float:
@@ -591,6 +599,56 @@ def per_tensor_methods(stats: dict[str, ActivationStats], ranges: dict[str, dict
     return choice
 
 
+def _luma(rgb: np.ndarray, shave: int) -> np.ndarray:
+    """BT.601 Y (float64) of a uint8 HWC image with ``shave`` border pixels cut (as :func:`y_psnr`)."""
+    a = rgb.astype(np.float64)
+    y = 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
+    return y[shave:-shave, shave:-shave] if shave else y
+
+
+class NoiseProbe:
+    """The quality probe of the int8 search: each candidate graph is judged by the Y-PSNR drop
+    its *output noise* predicts, not by its measured Y-PSNR difference.
+
+    Per probe image i: ``err_i`` = Y MSE(fp32 output, ground truth), ``noise_i`` = Y MSE(int8
+    output, fp32 output); an error independent of the fp32 error adds to it, so the image loses
+    ``10 log10(1 + noise_i / err_i)`` dB.  The measured difference is that plus a correlation
+    term which on the probe can be large and *negative* (PlainUSR-S: int8 noise that "repairs"
+    fp32 overshoot gained 0.82 dB on one probe image) and does not carry over to other images:
+    the search then keeps noisy layers int8 because they are lucky on the probe (PlainUSR-S:
+    probe 0.010 dB, Set5 0.199).  The predicted drop is never negative, and grows with every
+    layer made int8, which the search below assumes.  Outputs are the 8-bit images the
+    benchmarks score.
+    """
+
+    def __init__(self, fp32_model, pairs: Sequence[tuple[np.ndarray, np.ndarray]], scale: int):
+        self.pairs, self.shave = list(pairs), scale
+        outs = self._run(fp32_model)
+        self.ref = [_luma(o, scale) for o in outs]
+        self.err = [max(float(np.mean((r - _luma(hr, scale)) ** 2)), 1e-12) for r, (_, hr) in zip(self.ref, self.pairs)]
+        self.fp32_y_psnr = float(np.mean([y_psnr(o, hr, scale) for o, (_, hr) in zip(outs, self.pairs)]))
+
+    def _run(self, model) -> list[np.ndarray]:
+        sess = _session(model, threads=os.cpu_count() or 1)
+        return [to_uint8(sess.run(None, {"input": lr})[0]) for lr, _ in self.pairs]
+
+    def measure(self, model) -> tuple[float, float]:
+        """(predicted drop in dB, mean Y-PSNR) of ``model`` on the probe."""
+        outs = self._run(model)
+        drops = [10.0 * np.log10(1.0 + float(np.mean((_luma(o, self.shave) - r) ** 2)) / e)
+                 for o, r, e in zip(outs, self.ref, self.err)]
+        psnr = float(np.mean([y_psnr(o, hr, self.shave) for o, (_, hr) in zip(outs, self.pairs)]))
+        # rounded: a decision must not hinge on the last bits of a float sum
+        return round(float(np.mean(drops)), 6), psnr
+
+
+# The predicted probe drop (NoiseProbe) the ONNX search aims at, as a fraction of the budget.
+# Held-out images lose more than the probe predicts: they are easier (smaller fp32 error) and,
+# with saturated colours and hard edges, see more int8 noise.  Set5 / predicted probe drop
+# measured 1.7 (PlainUSR-S) and 2.0 (PlainUSR-U) on the same artifacts.
+NOISE_MARGIN = 0.3
+
+
 def to_int8_onnx(
     src: Path,
     dst: Path,
@@ -603,14 +661,21 @@ def to_int8_onnx(
     log: Callable[[str], None] = lambda s: None,
 ) -> Int8Report:
     """Static QDQ int8 of ``src``: activation ranges chosen per tensor where it pays, then the
-    fewest float-kept layers that meet ``max_psnr_drop`` on the probe."""
+    most int8 layers whose predicted probe drop (:class:`NoiseProbe`) meets
+    ``NOISE_MARGIN x max_psnr_drop``.
+
+    Deterministic: the same fp32 graph and calibration images give the same float set and the
+    same file (no random sampling beyond a fixed seed, layers ordered by rounded scores with
+    graph order breaking ties, onnxruntime's per-row kernels give bit-identical outputs at
+    any thread count)."""
     import onnx
 
     t0 = time.perf_counter()
     pairs = quality_pairs(calib, scale, input_size, multiple_of)
     calib_x = calibration_inputs(calib, scale, input_size, multiple_of)
     fp32 = onnx.load(str(src))
-    base = mean_y_psnr(fp32, pairs, scale)
+    probe = NoiseProbe(fp32, pairs, scale)
+    base = probe.fp32_y_psnr
     candidates = [n.name for n in fp32.graph.node if n.op_type in op_types]
     stats = collect_activations(fp32, calib_x, calibration_tensors(fp32, op_types))
     ranges = candidate_ranges(stats)
@@ -619,55 +684,61 @@ def to_int8_onnx(
     if chosen not in schemes.values():
         schemes["per-tensor"] = chosen
     log(f"calibrated {len(stats)} activations on {len(calib_x)} inputs ({time.perf_counter() - t0:.0f} s)")
+    target = max_psnr_drop * NOISE_MARGIN
     with tempfile.TemporaryDirectory(prefix="edgesr-int8-") as tmp:
         tmpdir = Path(tmp)
         trial = tmpdir / "trial.onnx"
         caches = {}
         for name, methods in schemes.items():  # one onnxruntime calibration cache per scheme
             caches[name] = tmpdir / f"ranges-{name}.json"
-            _save_ranges({t: ranges[m][t] for t, m in methods.items()}, caches[name])
+            _save_ranges({t: ranges[m][t] for t, m in sorted(methods.items())}, caches[name])
 
-        def drop_with(exclude: Sequence[str], scheme: str) -> float:
-            _quantize_from_cache(src, trial, caches[scheme], exclude, op_types)
-            return base - mean_y_psnr(trial, pairs, scale)
+        def measure(int8: Sequence[str], scheme: str) -> tuple[float, float]:
+            keep = set(int8)
+            _quantize_from_cache(src, trial, caches[scheme], [c for c in candidates if c not in keep], op_types)
+            return probe.measure(trial)
 
-        # Every layer int8 under each range scheme; the scheme that loses least is exported.
-        drops = {name: drop_with([], name) for name in schemes}
+        # Every layer int8 under each range scheme; the scheme with the least predicted drop is exported.
+        everything = {name: measure(candidates, name) for name in schemes}
+        drops = {name: d for name, (d, _) in everything.items()}
         scheme = min(drops, key=drops.get)
-        log(f"all int8: drop {drops[scheme]:.3f} dB ({scheme}); all schemes {drops}")
-        all_drop = drops[scheme]
+        all_drop, all_psnr = everything[scheme]
+        log(f"all int8: predicted drop {all_drop:.3f} dB ({scheme}); all schemes {drops}")
+        int8 = list(candidates)
         kept: dict[str, str] = {}
         tried = 0
-        target = max_psnr_drop * PROBE_MARGIN
         if all_drop > target:
-            recovery = {}
+            # The noise each layer adds when it alone is int8; the int8 set is the k quietest
+            # layers, k the largest whose predicted drop meets the target (binary search:
+            # log2(n) trials; int8 noise only grows with k).
+            alone = {}
             for c in candidates:
-                recovery[c] = all_drop - drop_with([c], scheme)
+                alone[c] = measure([c], scheme)[0]
                 tried += 1
-            # Keep float the k layers that recover most alone, k the smallest that meets the
-            # target: a binary search over k (log2(n) trials instead of one per kept layer),
-            # assuming more float layers never lose quality (k = n is the fp32 graph).
-            order = sorted(candidates, key=lambda c: -recovery[c])
-            low, high = 1, len(order)
+            order = sorted(candidates, key=lambda c: (alone[c], candidates.index(c)))
+            low, high = 0, len(order) - 1
             while low < high:
-                mid = (low + high) // 2
-                d = drop_with(order[:mid], scheme)
+                mid = (low + high + 1) // 2
+                d = measure(order[:mid], scheme)[0]
                 tried += 1
-                log(f"{mid} layer(s) float: drop {d:.3f} dB")
-                low, high = (low, mid) if d <= target else (mid + 1, high)
-            kept = {c: f"float fallback alone recovers {recovery[c]:.3f} dB of {all_drop:.3f}" for c in order[:low]}
-        if len(kept) == len(candidates):
-            raise ExportError(f"int8 cannot meet --max-psnr-drop {max_psnr_drop:g} dB: quantizing all "
-                              f"{len(candidates)} {'/'.join(op_types)} layers loses {all_drop:.2f} dB and every "
-                              "layer had to stay float; export fp16, or allow a larger --max-psnr-drop")
+                log(f"{mid} layer(s) int8: predicted drop {d:.3f} dB")
+                low, high = (mid, high) if d <= target else (low, mid - 1)
+            if low == 0:
+                raise ExportError(f"int8 cannot meet --max-psnr-drop {max_psnr_drop:g} dB: quantizing all "
+                                  f"{len(candidates)} {'/'.join(op_types)} layers loses {all_drop:.2f} dB (predicted) "
+                                  f"and even the quietest layer alone {alone[order[0]]:.3f} dB exceeds the "
+                                  f"{target:.3f} dB aimed at; export fp16, or allow a larger --max-psnr-drop")
+            int8 = order[:low]
+            kept = {c: f"int8 alone adds a predicted {alone[c]:.3f} dB (the {low} quietest layers int8 fit "
+                       f"{target:.3f} dB)" for c in order[low:]}
         _quantize_from_cache(src, dst, caches[scheme], list(kept), op_types)
-    final = mean_y_psnr(dst, pairs, scale)
+    final_drop, final = probe.measure(dst)
     summary = {**calib.summary(), "inputs": len(calib_x),
                "input_sizes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib_x}), "probe_pairs": len(pairs)}
-    return Int8Report(summary, scheme, max_psnr_drop, round(base, 4), round(base - all_drop, 4), round(final, 4),
-                      kept, len(candidates) - len(kept), tried, base - final <= target,
+    return Int8Report(summary, scheme, max_psnr_drop, round(base, 4), round(all_psnr, 4), round(final, 4),
+                      kept, len(int8), tried, final_drop <= target,
                       round(time.perf_counter() - t0, 2), {k: round(v, 4) for k, v in drops.items()},
-                      schemes[scheme])
+                      schemes[scheme], round(final_drop, 4), round(target, 4))
 
 
 def _save_ranges(ranges: dict[str, tuple[float, float]], path: Path) -> None:
@@ -805,7 +876,12 @@ def precision_markdown(report: dict) -> list[str]:
             f"scheme: {', '.join(f'{k} {v}' for k, v in report.get('scheme_drops', {}).items())} dB",
             f"- probe Y-PSNR: fp32 {report.get('fp32_y_psnr')} dB, all int8 {report.get('all_int8_y_psnr')} dB, "
             f"exported {report.get('final_y_psnr')} dB (drop {report.get('psnr_drop')} dB; "
-            f"budget {report.get('max_psnr_drop')} dB, aimed at {PROBE_MARGIN:g} x on the probe)",
+            f"budget {report.get('max_psnr_drop')} dB, aimed at {PROBE_MARGIN:g} x on the probe)"
+            if report.get("predicted_drop") is None else
+            f"- probe: fp32 {report.get('fp32_y_psnr')} dB Y-PSNR, all int8 {report.get('all_int8_y_psnr')} dB, "
+            f"exported {report.get('final_y_psnr')} dB; predicted drop from the exported graph's output noise "
+            f"{report.get('predicted_drop')} dB (budget {report.get('max_psnr_drop')} dB, aimed at "
+            f"{report.get('target_drop')} dB = {NOISE_MARGIN:g} x on the probe)",
             f"- {report.get('quantized_nodes')} layer(s) int8, {len(report.get('kept_float', {}))} kept float:",
         ]
         lines += [f"  - `{n}`: {why}" for n, why in report.get("kept_float", {}).items()]
