@@ -86,6 +86,8 @@ def export_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (ONNX; fp32 I/O kept)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="int8: folder of real images (default: the shipped photos)."),
     max_psnr_drop: Optional[float] = typer.Option(None, "--max-psnr-drop", help="int8: allowed Y-PSNR loss in dB (default 0.15); layers stay float until met."),
+    int8_io: bool = typer.Option(False, "--int8-io", help="int8 only: uint8 input/output tensors (the 8-bit image, "
+                                 "scale 1/255, zero point 0; recorded in metadata) for NPUs and integer pipelines."),
 ) -> None:
     """Export a model to ONNX or TFLite and verify it against the train-form PyTorch model."""
     from .io import refuse_output_overlapping_inputs
@@ -106,6 +108,9 @@ def export_cmd(
     from .export.precision import check_request
 
     check_request(fmt.value, precision, calibration, max_psnr_drop)
+    from .export.int8_io import check_int8_io
+
+    check_int8_io(precision, int8_io)
     if model is not None:  # validate flags before loading anything (the checkpoint is checked on load)
         plan_export(get_spec(model), fmt.value, size, dynamic, output, variant, scale)
     t = time.perf_counter()
@@ -118,7 +123,8 @@ def export_cmd(
         err.print(f"[dim]weights: {escape(str(loaded.source))}[/]")
     result = export_model(loaded, fmt.value, size=size, dynamic=dynamic, output=output,
                           verify=not no_verify, threads=threads, progress=_stage_printer(),
-                          precision=precision, calibration=calibration, max_psnr_drop=max_psnr_drop)
+                          precision=precision, calibration=calibration, max_psnr_drop=max_psnr_drop,
+                          int8_io=int8_io)
     _print_parity_summary(result.report)
     out.print(f"artifact: {escape(str(result.artifact))}")
     out.print(f"report:   {escape(str(result.report_json))}  ({escape(result.report_md.name)})")

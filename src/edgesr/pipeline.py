@@ -329,9 +329,11 @@ def export_model(
     precision: str = "fp32",
     calibration: str | os.PathLike | None = None,
     max_psnr_drop: float | None = None,
+    int8_io: bool = False,
 ) -> ExportOutcome:
     """load -> fold -> make export-safe -> export -> [reduce precision] -> verify, writing
-    artifact + reports atomically.  fp16/int8 rewrite the fp32 export (edgesr.export.precision)."""
+    artifact + reports atomically.  fp16/int8 rewrite the fp32 export (edgesr.export.precision);
+    ``int8_io`` then gives the int8 graph uint8 input/output (edgesr.export.int8_io)."""
     from .export.metadata import write_metadata
     from .export.onnx import export_onnx
     from .export.tflite import export_tflite
@@ -341,6 +343,9 @@ def export_model(
     from .export.precision import check_request
 
     check_request(fmt, precision, calibration, max_psnr_drop)
+    from .export.int8_io import check_int8_io
+
+    check_int8_io(precision, int8_io)
     stage_seconds: dict[str, float] = {}  # also goes into the report
 
     def stage_done(stage: str, seconds: float) -> None:
@@ -401,6 +406,13 @@ def export_model(
         stage_done(f"export {fmt}", export_seconds)
         precision_report = _reduce_precision(tmp_art, precision, loaded, size, dynamic, calibration,
                                              max_psnr_drop, stage_done)
+        int8_io_report = None
+        if int8_io:
+            from .export.int8_io import apply_int8_io
+
+            t = time.perf_counter()
+            int8_io_report = apply_int8_io(tmp_art)
+            stage_done("uint8 I/O", time.perf_counter() - t)
 
         report: dict = {
             "model": spec.name, "variant": loaded.variant, "scale": loaded.scale, "format": fmt,
@@ -408,6 +420,7 @@ def export_model(
             "fold": fold_report.as_dict(), "export": _result_dict(result), "export_seconds": round(export_seconds, 2),
             "versions": runtime_versions(), "stage_seconds": stage_seconds,
             "precision": precision_report,
+            "int8_io": int8_io_report,
         }
         passed: bool | None = None
         parity = None
@@ -536,17 +549,22 @@ def _io_contract_markdown(report: dict) -> list[str]:
     layout = export.get("layout", "?")
     rng = meta.get("input_range", "[0,1]")
     rule = get_spec(report["model"]).size_rule.describe()
+    io = report.get("int8_io")
+    dtype = {s: "float32 RGB" if not io else f"{io[s]['dtype']} RGB (scale {io[s]['scale']:.6g}, "
+             f"zero point {io[s]['zero_point']})" for s in ("input", "output")}
     return [
         "## I/O contract",
         "",
         "| tensor | name | dtype | layout | shape | range |",
         "|---|---|---|---|---|---|",
-        f"| input | `{meta.get('input_name', '?')}` | float32 RGB | {layout} | {shape(export.get('input_shape', ()))} "
-        f"| {rng} |",
-        f"| output | `{meta.get('output_name', '?')}` | float32 RGB | {layout} | "
-        f"{shape(export.get('output_shape', ()))} | {rng} (not clamped) |",
+        f"| input | `{meta.get('input_name', '?')}` | {dtype['input']} | {layout} | {shape(export.get('input_shape', ()))} "
+        f"| {'0..255 = ' if io else ''}{rng} |",
+        f"| output | `{meta.get('output_name', '?')}` | {dtype['output']} | {layout} | "
+        f"{shape(export.get('output_shape', ()))} | {'0..255 = ' + rng + ' (saturated)' if io else rng + ' (not clamped)'} |",
         "",
         f"- the graph converts to the model's native range {meta.get('native_range', '?')} inside; feed {rng}",
+        *([f"- integer I/O (--int8-io): real = scale x (q - zero point); feed the 8-bit image, get the 8-bit "
+           f"image; {io['graph']['input']}; {io['graph']['output']}"] if io else []),
         *([f"- size rule: {rule}"] if rule else []),
         f"- artifact: `{Path(str(export.get('path', '?'))).name}`, {export.get('file_size', 0) / 1e6:.2f} MB",
         "",

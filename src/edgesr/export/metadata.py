@@ -19,6 +19,12 @@ inside the graph),
 configs read from a checkpoint -- parity, ...).  ``receptive_field`` (from the export pipeline): the
 model's receptive-field radius in input px, or ``unbounded``; tiled upscaling derives its
 default overlap from it.
+
+Integer I/O (``export --precision int8 --int8-io``, :mod:`edgesr.export.int8_io`):
+``int8_io`` (true), ``input_dtype``/``output_dtype`` (``uint8``), ``input_scale``/
+``output_scale`` and ``input_zero_point``/``output_zero_point`` (``real = scale * (q -
+zero_point)``; 1/255 and 0: the 8-bit image).  Absent: float32 tensors.  ``input_range``
+stays the real-valued contract ``[0,1]``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ RESERVED_KEYS = (
     "dynamic",
     "multiple_of",
     "min_size",
+    # integer I/O (int8_io.py writes them with the graph edit; they describe the graph)
+    "int8_io",
+    "input_dtype",
+    "input_scale",
+    "input_zero_point",
+    "output_dtype",
+    "output_scale",
+    "output_zero_point",
 )
 
 

@@ -7,7 +7,10 @@ Every runner takes and returns NCHW float32 arrays in [0, 1]:
 and exposes ``name`` (runtime), ``version`` and ``threads``.  Runners are the only code
 that knows a runtime's API or an artifact's layout: they read the layout from the
 artifact's metadata (written by :mod:`edgesr.export`), so callers never special-case a
-format.  Artifacts with a fixed batch of 1 are run image by image.
+format.  Artifacts with a fixed batch of 1 are run image by image.  Artifacts with integer
+I/O (``export --int8-io``: uint8 tensors, scale/zero point in the graph and the metadata) are
+run transparently: the runner quantizes the float input (round half to even, saturate) and
+dequantizes the output, so callers still see float32 [0, 1] (``io_dtype`` tells them).
 """
 
 from __future__ import annotations
@@ -62,6 +65,24 @@ def _check_input(x: np.ndarray) -> np.ndarray:
     if x.ndim != 4 or x.shape[1] != 3:
         raise SizeRuleError(f"expected an NCHW RGB batch (N, 3, H, W), got shape {x.shape}")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _io_quant(meta: dict[str, str], side: str, graph_dtype: str, graph_quant=None, what: str = "artifact"):
+    """The quantization of an integer graph input/output (``None`` for float32 tensors).
+
+    ``graph_quant`` (scale, zero point) comes from the runtime where it has them (LiteRT);
+    onnxruntime does not expose them, so ONNX artifacts take them from the metadata."""
+    from ..export.int8_io import TensorQuant, quant_from_metadata
+
+    if graph_dtype == "float32":
+        return None
+    if graph_quant is not None and graph_quant[0]:
+        return TensorQuant(graph_dtype, float(graph_quant[0]), int(graph_quant[1]))
+    q = quant_from_metadata(meta, side)
+    if q is None or q.dtype != graph_dtype:
+        raise EdgeSRError(f"{what} has a {graph_dtype} {side} but its metadata gives no {side}_scale/"
+                          f"{side}_zero_point for it; was it written by `edgesr export --int8-io`?")
+    return q
 
 
 def _check_size(x: np.ndarray, meta: dict[str, str], fixed: tuple[int, int] | None, what: str) -> None:
@@ -161,6 +182,11 @@ class OnnxRunner:
             raise EdgeSRError(f"onnxruntime cannot load {self.path.name}: {str(e).strip().splitlines()[0][:200]}") from e
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
+        dtypes = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+        out = self.session.get_outputs()[0]
+        self._q_in = _io_quant(self.meta, "input", dtypes.get(inp.type, inp.type), what=self.path.name)
+        self._q_out = _io_quant(self.meta, "output", dtypes.get(out.type, out.type), what=self.path.name)
+        self.io_dtype = self._q_in.dtype if self._q_in else "float32"
         self.layout = self.meta.get("layout", "NCHW").upper()
         dims = inp.shape
         self.fixed_batch = dims[0] if isinstance(dims[0], int) else None
@@ -181,7 +207,10 @@ class OnnxRunner:
         return np.ascontiguousarray(y, dtype=np.float32)
 
     def _run1(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        if self._q_in is not None:
+            x = self._q_in.quantize(x)
+        y = self.session.run(None, {self.input_name: x})[0]
+        return y if self._q_out is None else self._q_out.dequantize(y)
 
 
 # --- LiteRT ------------------------------------------------------------------------------------
@@ -226,6 +255,10 @@ class LiteRTRunner:
             raise EdgeSRError(f"LiteRT cannot load {self.path.name}: {str(e).strip().splitlines()[0][:200]}") from e
         self._in = self.interpreter.get_input_details()[0]
         self._out = self.interpreter.get_output_details()[0]
+        self._q_in, self._q_out = (
+            _io_quant(self.meta, side, np.dtype(d["dtype"]).name, d.get("quantization"), self.path.name)
+            for side, d in (("input", self._in), ("output", self._out)))
+        self.io_dtype = self._q_in.dtype if self._q_in else "float32"
         shape = tuple(int(d) for d in self._in["shape"])
         self.layout = self.meta.get("layout") or ("NHWC" if shape[-1] == 3 and shape[1] != 3 else "NCHW")
         self.layout = self.layout.upper()
@@ -239,9 +272,13 @@ class LiteRTRunner:
             xi = x[i : i + 1]
             if self.layout == "NHWC":
                 xi = np.ascontiguousarray(xi.transpose(0, 2, 3, 1))
+            if self._q_in is not None:
+                xi = self._q_in.quantize(xi)
             self.interpreter.set_tensor(self._in["index"], xi)
             self.interpreter.invoke()
             y = self.interpreter.get_tensor(self._out["index"])
+            if self._q_out is not None:
+                y = self._q_out.dequantize(y)
             outs.append(y.transpose(0, 3, 1, 2) if self.layout == "NHWC" else y)
         return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
 
@@ -273,7 +310,7 @@ def open_runner(path: str | os.PathLike, **kwargs) -> OnnxRunner | LiteRTRunner:
 def describe(runner: Runner) -> dict[str, object]:
     """A small JSON-able description of a runner (for reports)."""
     d: dict[str, object] = {"name": runner.name, "version": runner.version, "threads": runner.threads}
-    for attr in ("layout", "optimization", "xnnpack"):
+    for attr in ("layout", "optimization", "xnnpack", "io_dtype"):
         if hasattr(runner, attr):
             d[attr] = getattr(runner, attr)
     path = getattr(runner, "path", None)
