@@ -33,6 +33,13 @@ def int8_artifact(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fp32_artifact(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("fp32") / "pu_fp32.tflite"
+    export_model(obtain_model(None, weights=WEIGHTS), "tflite", size=(64, 64), output=src, verify=False)
+    return src
+
+
 def set5_y(path: Path) -> tuple[float, float]:
     m = evaluate(artifact_form(path, threads=2), SET5).mean
     return m["psnr_y"], m["ssim_y"]
@@ -46,10 +53,8 @@ def op_input_types(path: Path) -> list[tuple[str, list[str]]]:
             for op in sg.operators]
 
 
-def test_int8_tflite_within_budget_of_fp32_on_set5(int8_artifact, tmp_path):
-    src = tmp_path / "pu_fp32.tflite"
-    export_model(obtain_model(None, weights=WEIGHTS), "tflite", size=(64, 64), output=src, verify=False)
-    p32, s32 = set5_y(src)
+def test_int8_tflite_within_budget_of_fp32_on_set5(int8_artifact, fp32_artifact):
+    p32, s32 = set5_y(fp32_artifact)
     p8, s8 = set5_y(int8_artifact)
     # measured: 30.7684 -> 30.6538 (-0.115 dB), SSIM 0.8698 -> 0.8663
     assert p32 - p8 <= INT8_MAX_DROP_DB, (p32, p8)
@@ -100,3 +105,32 @@ def test_int8_tflite_with_unreadable_calibration_is_one_line_exit_2(tmp_path, ca
     assert rc == 2
     assert len(err) == 1 and "can be read" in err[0], err
     assert not out.exists() and not (tmp_path / "out").exists()
+
+
+def test_calibration_ranges_are_the_float_tensors_extremes(fp32_artifact):
+    """The one-pass profiler calibration gives, per activation tensor, the extremes the float
+    interpreter really produces (minmax) and a moving average that differs from them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgesr.export.int8_tflite import combine_ranges, sample_ranges
+
+    data = fp32_artifact.read_bytes()
+    xs = [np.random.default_rng(i).random((1, 3, 64, 64), dtype=np.float32) * (i + 1) / 3 for i in range(3)]
+    per_sample = sample_ranges(data, xs)
+    minmax, moving = combine_ranges(per_sample, "minmax"), combine_ranges(per_sample, "moving-average")
+    it = Interpreter(model_content=data, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    index = {d["name"]: d["index"] for d in it.get_tensor_details()}
+    lo, hi = {}, {}
+    for x in xs:
+        it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        it.invoke()
+        for name in minmax:
+            a = it.get_tensor(index[name])
+            lo[name], hi[name] = min(lo.get(name, np.inf), a.min()), max(hi.get(name, -np.inf), a.max())
+    convs = [n for n in minmax if "Conv2d" in n]
+    assert len(convs) >= 5, list(minmax)
+    for name in minmax:
+        assert np.isclose(float(np.ravel(minmax[name]["min"])[0]), lo[name], rtol=1e-4, atol=1e-5), name
+        assert np.isclose(float(np.ravel(minmax[name]["max"])[0]), hi[name], rtol=1e-4, atol=1e-5), name
+    assert any(float(np.ravel(moving[n]["max"])[0]) < hi[n] - 1e-3 for n in convs)  # 0.95 x the first sample's
