@@ -27,7 +27,8 @@ from edgesr.runtime.runners import LiteRTRunner, OnnxRunner, open_runner
 WEIGHTS = Path("/work/shared/checkpoints/PlainUSRU_Rep_x4.pth")
 SET5 = Path("/work/shared/datasets/Set5")
 LR = SET5 / "LR_bicubic" / "X4" / "babyx4.png"  # a real 8-bit image, 128x128
-PHOTOS = Path(__file__).resolve().parent.parent / "src" / "edgesr" / "data" / "images"  # 4 shipped photos: fast calibration
+# calibration on the 4 shipped photographs (fast); the figures in the README use the default 16
+PHOTOS = Path(__file__).resolve().parent.parent / "src" / "edgesr" / "data" / "images"
 SIZE = 32
 
 
@@ -141,7 +142,8 @@ def test_onnx_uint8_io_equals_float_io_on_a_real_image(onnx_cli, tmp_path):
     again = tmp_path / "again.onnx"  # and the rewrite of that float-I/O graph gives the CLI's graph back
     shutil.copy(fl, again)
     apply_int8_io(again)
-    assert [n.op_type for n in onnx.load(str(again)).graph.node] == [n.op_type for n in onnx.load(str(onnx_cli)).graph.node]
+    ops = lambda p: [n.op_type for n in onnx.load(str(p)).graph.node]  # noqa: E731
+    assert ops(again) == ops(onnx_cli)
     x = lr_image()  # the whole 128x128 image through the dynamic graph
     f, q = OnnxRunner(fl, threads=2), OnnxRunner(onnx_cli, threads=2)
     assert f.io_dtype == "float32" and q.io_dtype == "uint8"

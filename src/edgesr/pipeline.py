@@ -557,10 +557,12 @@ def _io_contract_markdown(report: dict) -> list[str]:
         "",
         "| tensor | name | dtype | layout | shape | range |",
         "|---|---|---|---|---|---|",
-        f"| input | `{meta.get('input_name', '?')}` | {dtype['input']} | {layout} | {shape(export.get('input_shape', ()))} "
+        f"| input | `{meta.get('input_name', '?')}` | {dtype['input']} | {layout} | "
+        f"{shape(export.get('input_shape', ()))} "
         f"| {'0..255 = ' if io else ''}{rng} |",
         f"| output | `{meta.get('output_name', '?')}` | {dtype['output']} | {layout} | "
-        f"{shape(export.get('output_shape', ()))} | {'0..255 = ' + rng + ' (saturated)' if io else rng + ' (not clamped)'} |",
+        f"{shape(export.get('output_shape', ()))} | "
+        f"{'0..255 = ' + rng + ' (saturated)' if io else rng + ' (not clamped)'} |",
         "",
         f"- the graph converts to the model's native range {meta.get('native_range', '?')} inside; feed {rng}",
         *([f"- integer I/O (--int8-io): real = scale x (q - zero point); feed the 8-bit image, get the 8-bit "

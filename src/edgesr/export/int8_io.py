@@ -166,7 +166,8 @@ def _onnx_uint8_io(src: Path, dst: Path) -> dict[str, str]:
     except onnx.checker.ValidationError as e:
         raise ExportError(f"internal: the uint8-I/O ONNX graph is invalid: {str(e).splitlines()[0][:200]}") from e
     onnx.save(model, str(dst))
-    return {"input": "uint8 -> DequantizeLinear(1/255, 0) -> graph", "output": "graph -> QuantizeLinear(1/255, 0) -> uint8"}
+    return {"input": "uint8 input -> DequantizeLinear(1/255, 0) -> float graph",
+            "output": "float graph -> QuantizeLinear(1/255, 0) -> uint8 output"}
 
 
 # --------------------------------------------------------------------------- TFLite
