@@ -205,3 +205,21 @@ def test_upscale_cli_on_the_uint8_artifact(onnx_cli, tmp_path):
     assert sr.shape == hr.shape
     psnr = 10 * np.log10(255.0**2 / np.mean((sr[4:-4, 4:-4] - hr[4:-4, 4:-4]) ** 2))  # RGB, shave 4
     assert psnr > 30.0, psnr  # a real x4 upscale of "baby", not noise or a shifted image
+
+
+@pytest.mark.parametrize("which", ["onnx", "tflite"])
+def test_uint8_artifact_on_aarch64_matches_x86(which, onnx_cli, tflite_pair, tmp_path):
+    """Under qemu (ARM int8 kernels) the uint8-I/O artifact keeps the float contract for the
+    caller (the aarch64 runner quantizes the input and dequantizes the output from the
+    artifact's metadata) and stays within the int8 gate and a few output LSBs of x86."""
+    from edgesr.runtime.arm import Aarch64Runner
+    from edgesr.runtime.check import check_artifact
+
+    art = onnx_cli if which == "onnx" else tflite_pair[1]
+    arm = Aarch64Runner(art)
+    assert arm.input_quant == IMAGE_QUANT and arm.output_quant == IMAGE_QUANT
+    report = check_artifact(art, weights=WEIGHTS, arch="aarch64")
+    assert report.precision == "int8" and report.passed, report.to_markdown()
+    cross = [c for c in report.cases if "aarch64" in c.candidate and "torch" not in c.reference
+             and c.input.startswith("photo")]
+    assert cross and max(c.metrics.max_abs for c in cross) * 255 <= 8  # output LSBs

@@ -86,7 +86,7 @@ class TfliteModel:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help=".onnx or .tflite artifact")
-    ap.add_argument("inputs", nargs="+", help="input .npy files, NCHW float32")
+    ap.add_argument("inputs", nargs="+", help="input .npy files, NCHW float32 (uint8/int8 for integer-I/O models)")
     ap.add_argument("--layout", choices=("nchw", "nhwc"), required=True,
                     help="layout of the artifact's input and output tensors")
     ap.add_argument("--threads", type=int, default=1)
@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     run_s, outputs = [], []
     for i, path in enumerate(args.inputs):
         x = np.load(path)
-        if x.ndim != 4 or x.dtype != np.float32:
-            print(f"arm_exec: {path}: expected 4-D float32 NCHW, got {x.dtype} {x.shape}", file=sys.stderr)
+        # float32, or the uint8/int8 image of an `--int8-io` artifact (the host converts)
+        if x.ndim != 4 or x.dtype not in (np.float32, np.uint8, np.int8):
+            print(f"arm_exec: {path}: expected 4-D float32/uint8/int8 NCHW, got {x.dtype} {x.shape}",
+                  file=sys.stderr)
             return 2
         if args.layout == "nhwc":
             x = x.transpose(0, 2, 3, 1)

@@ -127,12 +127,22 @@ class Aarch64Runner:
         self.version: str = manifest["packages"][runtime]
         self.name: str = f"{runtime}-aarch64-{cpu}"
         self.last_report: dict | None = None
+        # `--int8-io` artifacts take and give uint8 images: quantize here, dequantize the
+        # guest's outputs, so callers keep the float [0, 1] contract on both machines.
+        from ..export.int8_io import quant_from_metadata
+        from ..export.metadata import read_metadata
+
+        meta = read_metadata(self.artifact)
+        self.input_quant = quant_from_metadata(meta, "input")
+        self.output_quant = quant_from_metadata(meta, "output")
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.run_many([x])[0]
 
     def run_many(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
+        if self.input_quant is not None:
+            xs = [self.input_quant.quantize(x) for x in xs]
         for x in xs:
             if x.ndim != 4:
                 raise Aarch64Error(f"expected NCHW input, got shape {x.shape}")
@@ -177,4 +187,6 @@ class Aarch64Runner:
             raise Aarch64Error(f"aarch64 run of {self.artifact.name} reported machine "
                                f"{report.get('machine')!r} and {len(ys)} outputs for {len(xs)} inputs")
         self.last_report = report
+        if self.output_quant is not None:
+            ys = [self.output_quant.dequantize(y) for y in ys]
         return ys
