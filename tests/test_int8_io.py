@@ -223,3 +223,15 @@ def test_uint8_artifact_on_aarch64_matches_x86(which, onnx_cli, tflite_pair, tmp
     cross = [c for c in report.cases if "aarch64" in c.candidate and "torch" not in c.reference
              and c.input.startswith("photo")]
     assert cross and max(c.metrics.max_abs for c in cross) * 255 <= 8  # output LSBs
+
+
+def test_device_bench_runners_feed_uint8_artifacts(onnx_cli, tflite_pair):
+    """`edgesr bench` (and its on-device script, which has no edgesr) times uint8-I/O artifacts:
+    its runners quantize the float input to the artifact's uint8 contract."""
+    from edgesr.bench.device_bench import DeviceLiteRTRunner, DeviceOnnxRunner
+
+    x = lr_image(SIZE)
+    for runner in (DeviceOnnxRunner(onnx_cli, 1), DeviceLiteRTRunner(tflite_pair[1], 1)):
+        y = runner.run(x)
+        assert y.dtype == np.uint8 and y.shape == (1, 3, 4 * SIZE, 4 * SIZE), (runner.name, y.dtype, y.shape)
+        assert 0 < y.mean() < 255

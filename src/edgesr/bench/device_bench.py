@@ -340,6 +340,14 @@ def output_hw_of(shape, layout):
 # NHWC inside and are transposed here).
 
 
+def _integer_input(x, dtype, scale, zero_point):
+    """An ``--int8-io`` artifact takes the quantized image: real = scale * (q - zero_point)."""
+    if dtype == np.float32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
 class DeviceOnnxRunner:
     name = "onnxruntime"
 
@@ -354,11 +362,16 @@ class DeviceOnnxRunner:
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        # uint8 input: an `--int8-io` artifact, whose contract is scale 1/255, zero point 0
+        # (onnxruntime does not expose the scale; edgesr's metadata records it)
+        self.uint8 = self.session.get_inputs()[0].type == "tensor(uint8)"
         self.version, self.threads, self.layout = ort.__version__, int(threads), layout
 
     def run(self, x):
         if self.layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if self.uint8:
+            x = _integer_input(x, np.uint8, 1.0 / 255.0, 0)
         y = self.session.run(None, {self.input_name: x})[0]
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2)) if self.layout == "NHWC" else y
 
@@ -392,7 +405,8 @@ class DeviceLiteRTRunner:
     def run(self, x):
         if self.layout == "NHWC":
             x = x.transpose(0, 2, 3, 1)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        scale, zero_point = self.inp["quantization"]
+        x = _integer_input(x, np.dtype(self.inp["dtype"]).type, scale, zero_point)
         if tuple(x.shape) != self._shape:
             self.interpreter.resize_tensor_input(self.inp["index"], list(x.shape))
             self.interpreter.allocate_tensors()
