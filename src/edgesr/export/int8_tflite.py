@@ -4,9 +4,10 @@ The recipe is ai-edge-quantizer's ``static_wi8_ai8`` (int8 per-channel symmetric
 int8 per-tensor asymmetric activations, integer compute: XNNPACK's qs8 kernels) over every
 op the quantizer supports, except the graph's own input and output, which stay float32 (the
 artifact contract: a QUANTIZE op after ``input`` and a DEQUANTIZE before ``output`` sit inside
-the graph).  Activation ranges come from the quantizer's calibrator run on real photographs
-(``precision.calibration_inputs``), per tensor, by the rule of ``RANGE_SCHEMES`` that loses
-least on the probe with everything int8.
+the graph).  Activation ranges come from one pass of the quantizer's profiler-based
+calibrator over real photographs (``precision.calibration_inputs``), per tensor and per
+input, combined by the rule of ``RANGE_SCHEMES`` that loses least on the probe with
+everything int8.
 
 Ops the quantizer has no int8 implementation for (PlainUSR's LEAKY_RELU, for one) run in
 float between a DEQUANTIZE and a QUANTIZE; the report names them.
@@ -21,7 +22,20 @@ every op left float is reported with the reason.
 Why ai-edge-quantizer and not litert-torch's PT2E flow: it works on the TFLite file the
 pipeline already exported and verified (no second torch export per trial), its recipe can
 exclude one op by name, which the sensitivity search needs, and a trial (quantize without
-recalibrating) takes a fraction of a second.
+recalibrating) takes a fraction of a second.  Measured (``benchmarks/pt2e_int8.py``,
+PlainUSR-U x4, 64x64): PT2E converts and makes all 33 ops int8 (LeakyReLU too), but its
+input/output become int8 (the edge QDQ pairs fold into the I/O tensors) and Set5 drops
+0.78 dB with no per-op fallback short of a new torch export per trial; 242 s, 220 of them
+in the HistogramObserver calibration of the same 144 inputs (loaded 2-core machine).
+
+SPAN-28 (2-4 of 79 ops int8): the cost sits in ``conv_cat``'s input, the concatenation of
+``conv_1``'s output (per-channel |x| up to ~18: SPAN's x255 folded into conv_1) with three
+branches of |x| <~ 1, one int8 scale for all: quantized alone, the CONCATENATION costs
+0.28-0.57 dB and conv_cat 0.36-1.07 on the probe (target 0.045).  Sigmoid attention ops cost
+<= 0.03 dB each.  Percentile (99.99) or per-tensor MSE-chosen clipping lowers the all-int8
+probe drop (1.21 -> 0.93 dB) but not the concatenation's cost (0.42); a search with it kept
+4 ops int8 (Set5 drop 0.048 dB vs 0.026 with 2).  Per-channel activation scales are not in the int8 kernels;
+splitting that conv into one conv per concatenated branch (a sum) would be the fix.
 """
 
 from __future__ import annotations
