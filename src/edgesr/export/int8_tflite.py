@@ -34,8 +34,9 @@ branches of |x| <~ 1, one int8 scale for all: quantized alone, the CONCATENATION
 0.28-0.57 dB and conv_cat 0.36-1.07 on the probe (target 0.045).  Sigmoid attention ops cost
 <= 0.03 dB each.  Percentile (99.99) or per-tensor MSE-chosen clipping lowers the all-int8
 probe drop (1.21 -> 0.93 dB) but not the concatenation's cost (0.42); a search with it kept
-4 ops int8 (Set5 drop 0.048 dB vs 0.026 with 2).  Per-channel activation scales are not in the int8 kernels;
-splitting that conv into one conv per concatenated branch (a sum) would be the fix.
+4 ops int8 (Set5 drop 0.048 dB vs 0.026 with 2).  Per-channel activation scales are not in
+the int8 kernels; splitting that conv into one conv per concatenated branch (a sum) would
+be the fix.
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def sample_ranges(model: bytes, calib_x: Sequence[np.ndarray]) -> list[dict[str,
     for x in calib_x:
         cal.reset_model_qsvs()
         cal.calibrate({SIGNATURE: [{"input": np.ascontiguousarray(x.transpose(0, 2, 3, 1))}]}, rules)  # NHWC
-        out.append({k: {"min": np.asarray(v["min"]), "max": np.asarray(v["max"])} for k, v in cal.get_model_qsvs().items()})
+        qsvs = cal.get_model_qsvs()
+        out.append({k: {"min": np.asarray(v["min"]), "max": np.asarray(v["max"])} for k, v in qsvs.items()})
     return out
 
 
@@ -244,7 +246,8 @@ def percentile_ranges(model: bytes, calib_x: Sequence[np.ndarray], pct: float, f
     out = dict(fallback)
     for k in names:
         lo, hi = np.percentile(np.concatenate(values[k]), [100.0 - pct, pct])
-        out[k] = {"min": np.array([min(float(lo), 0.0)], np.float32), "max": np.array([max(float(hi), 0.0)], np.float32)}
+        out[k] = {"min": np.array([min(float(lo), 0.0)], np.float32),
+                  "max": np.array([max(float(hi), 0.0)], np.float32)}
     return out
 
 
