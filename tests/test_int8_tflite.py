@@ -112,7 +112,7 @@ def test_calibration_ranges_are_the_float_tensors_extremes(fp32_artifact):
     interpreter really produces (minmax) and a moving average that differs from them."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from edgesr.export.int8_tflite import combine_ranges, sample_ranges
+    from edgesr.export.int8_tflite import combine_ranges, percentile_ranges, sample_ranges
 
     data = fp32_artifact.read_bytes()
     xs = [np.random.default_rng(i).random((1, 3, 64, 64), dtype=np.float32) * (i + 1) / 3 for i in range(3)]
@@ -134,3 +134,10 @@ def test_calibration_ranges_are_the_float_tensors_extremes(fp32_artifact):
         assert np.isclose(float(np.ravel(minmax[name]["min"])[0]), lo[name], rtol=1e-4, atol=1e-5), name
         assert np.isclose(float(np.ravel(minmax[name]["max"])[0]), hi[name], rtol=1e-4, atol=1e-5), name
     assert any(float(np.ravel(moving[n]["max"])[0]) < hi[n] - 1e-3 for n in convs)  # 0.95 x the first sample's
+    p100 = percentile_ranges(data, xs, 100.0, minmax, values_per_tensor=10**9)  # every value: the extremes, 0 included
+    p99 = percentile_ranges(data, xs, 99.0, minmax)
+    for name in convs:
+        assert np.isclose(float(p100[name]["max"][0]), max(hi[name], 0.0), rtol=1e-4, atol=1e-5), name
+        assert np.isclose(float(p100[name]["min"][0]), min(lo[name], 0.0), rtol=1e-4, atol=1e-5), name
+        assert p99[name]["max"][0] <= p100[name]["max"][0] and p99[name]["min"][0] >= p100[name]["min"][0]
+    assert any(p99[n]["max"][0] < 0.99 * p100[n]["max"][0] for n in convs)  # clipping happens
