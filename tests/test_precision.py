@@ -164,6 +164,7 @@ def test_int8_onnx_within_budget_on_set5(checkpoint, fp32_artifacts, int8_artifa
     drops = report["scheme_drops"]
     assert set(RANGE_METHODS) <= set(drops) and report["calibration_method"] == min(drops, key=drops.get)
     assert json.loads(meta["int8_range_methods"]) == report["range_methods"]
+    assert json.loads(meta["int8_quality"])["predicted_drop"] == report["predicted_drop"]
     assert set(report["range_methods"].values()) <= set(RANGE_METHODS)
     p32, s32 = set5_y(src)
     p8, s8 = set5_y(dst)

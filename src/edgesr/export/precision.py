@@ -793,7 +793,8 @@ def metadata_entries(precision: str, report) -> dict[str, str]:
         out["int8_range_methods"] = json.dumps(d["range_methods"])
         out["int8_quality"] = json.dumps({k: d[k] for k in ("calibration_method", "scheme_drops", "fp32_y_psnr",
                                                            "all_int8_y_psnr", "final_y_psnr", "psnr_drop",
-                                                           "max_psnr_drop", "within_budget")})
+                                                           "max_psnr_drop", "within_budget")}
+                                         | {k: d[k] for k in ("predicted_drop", "target_drop") if d.get(k) is not None})
     return out
 
 
