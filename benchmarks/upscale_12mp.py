@@ -37,7 +37,7 @@ from edgesr.runtime.tiling import FALLBACK_OVERLAP, fit_tile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGESR = [sys.executable, "-m", "edgesr.cli"]
-CHECKPOINT = Path("/work/shared/checkpoints/PlainUSR_Rep_x4.pth")
+CHECKPOINT = ROOT.parent / "shared" / "checkpoints" / "PlainUSR_Rep_x4.pth"  # ../shared beside the clone
 
 
 def synthetic_photo(height: int, width: int) -> np.ndarray:

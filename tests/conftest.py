@@ -1,11 +1,22 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from edgesr.data import image_names, random_input, sample_input
+
+
+def _shared_dir() -> Path:
+    """The team's shared data (checkpoints, datasets): ``shared/`` beside the clone, as CI
+    lays it out, else the team's copy."""
+    beside = Path(__file__).resolve().parents[2] / "shared"
+    return beside if beside.is_dir() else Path("/work/shared")
+
+
+SHARED = _shared_dir()
 
 
 @pytest.fixture(autouse=True)

@@ -29,10 +29,10 @@ from edgesr.models import srconvnet as SC
 from edgesr.models.checkpoint import load_model
 from edgesr.models.registry import canonical_config, get_spec
 
-from conftest import real_image
+from conftest import SHARED, real_image
 
-CHECKPOINTS = Path("/work/shared/checkpoints")
-SET5 = Path("/work/shared/datasets/Set5")
+CHECKPOINTS = SHARED / "checkpoints"
+SET5 = SHARED / "datasets/Set5"
 
 
 @torch.no_grad()

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 import edgesr
-from conftest import assert_one_line_error, run_cli
+from conftest import SHARED, assert_one_line_error, run_cli
 from edgesr.cli import main
 from edgesr.errors import CheckpointError
 
-CHECKPOINT = Path("/work/shared/checkpoints/PlainUSRU_Rep_x4.pth")  # 86 KB, real, x4
-SET5 = Path("/work/shared/datasets/Set5")
+CHECKPOINT = SHARED / "checkpoints/PlainUSRU_Rep_x4.pth"  # 86 KB, real, x4
+SET5 = SHARED / "datasets/Set5"
 FAST = 5.0  # seconds: a refusal before any work is far below this even on a loaded 2-core machine
 
 

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from conftest import SHARED
 from edgesr.cli import main
 from edgesr.data import read_image
 from edgesr.errors import EdgeSRError
@@ -24,8 +25,8 @@ from edgesr.pipeline import VerifySettings, export_model, obtain_model, verify_a
 from edgesr.quality.engine import artifact_form, evaluate
 from edgesr.runtime.runners import LiteRTRunner, OnnxRunner, open_runner
 
-WEIGHTS = Path("/work/shared/checkpoints/PlainUSRU_Rep_x4.pth")
-SET5 = Path("/work/shared/datasets/Set5")
+WEIGHTS = SHARED / "checkpoints/PlainUSRU_Rep_x4.pth"
+SET5 = SHARED / "datasets/Set5"
 LR = SET5 / "LR_bicubic" / "X4" / "babyx4.png"  # a real 8-bit image, 128x128
 # calibration on the 4 shipped photographs (fast); the figures in the README use the default 16
 PHOTOS = Path(__file__).resolve().parent.parent / "src" / "edgesr" / "data" / "images"

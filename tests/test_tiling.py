@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED
 from edgesr.pipeline import export_model, obtain_model
 from edgesr.runtime.runners import TorchRunner, open_runner
 from edgesr.runtime.tiling import (
@@ -25,8 +26,8 @@ from edgesr.runtime.tiling import (
     upscale_array,
 )
 
-CHECKPOINTS = Path("/work/shared/checkpoints")
-SET5_LR = Path("/work/shared/datasets/Set5/LR_bicubic/X4")
+CHECKPOINTS = SHARED / "checkpoints"
+SET5_LR = SHARED / "datasets/Set5/LR_bicubic/X4"
 TILE = (64, 64)
 
 
