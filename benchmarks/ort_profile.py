@@ -8,8 +8,9 @@
 Runs the graph ``--runs`` times with ``enable_profiling``, drops the warm-up runs and
 prints the mean time per op type and the slowest nodes with their input shapes, so a
 "why is it slow" claim (e.g. "transposes are 42 ms of the DFT round trip") can be
-re-checked.  One thread by default: per-node times are then additive and the machine's
-other load matters less.
+re-checked, and the time by kind (int8 kernels, QuantizeLinear/DequantizeLinear, float
+ops, layout: Transpose and NCHWc reorders) for int8 graphs.  One thread by default:
+per-node times are then additive and the machine's other load matters less.
 """
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ def export_dft(size: int, channels: int, layout: str, path: str) -> dict[str, np
     x = torch.randn(1, channels, size, size)
     export_onnx_file(mod.eval(), x, path)
     return {"x": x.numpy()}
+
+
+def category(op: str) -> str:
+    """Which part of an int8 graph an op type is (ORT op names, or LiteRT names + " int8")."""
+    if op in ("QuantizeLinear", "DequantizeLinear", "QUANTIZE", "DEQUANTIZE", "DynamicQuantizeLinear"):
+        return "Q/DQ"
+    if op.startswith("QLinear") or op.endswith(" int8") or op in ("ConvInteger", "MatMulInteger", "QGemm"):
+        return "int8"
+    if op in ("Transpose", "ReorderInput", "ReorderOutput", "TRANSPOSE"):
+        return "layout"
+    return "float"
 
 
 def random_feed(sess) -> dict[str, np.ndarray]:
@@ -103,6 +115,11 @@ def main() -> int:
     counts = collections.Counter(rec[0] for rec in by_node.values())
     for op, ms in sorted(by_type.items(), key=lambda kv: -kv[1]):
         print(f"{op:<24} {ms:8.2f} {ms / kernels:6.1%} {counts[op]:6d}")
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for op, ms in by_type.items():
+        kinds[category(op)] += ms
+    print("\nby kind: " + ", ".join(f"{k} {ms:.2f} ms ({ms / kernels:.1%})"
+                                   for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
     print(f"\nslowest {args.top} nodes:")
     for name, (op, ms, shapes) in sorted(by_node.items(), key=lambda kv: -kv[1][1])[: args.top]:
         dims = "; ".join("x".join(str(d) for d in list(s.values())[0]) for s in shapes if s)
