@@ -45,9 +45,9 @@ int8            0.5         38 dB     real photographs only: calibrated int8 is 
                                       on (uniform noise drives activations far outside the
                                       calibrated ranges: 28-35 dB relative on PlainUSR-U /
                                       SPAN-28, reported but not gated).  Photos, default 0.15 dB
-                                      Y-PSNR budget: PlainUSR-U 58.7-63.6 dB (one export
-                                      44.8: the mixed-precision search does not always pick
-                                      the same layers), PlainUSR-T 47.1-50.8, SPAN-28
+                                      Y-PSNR budget: PlainUSR-U 58.7-63.6 dB (44.8 once,
+                                      from an earlier calibration set; exports are
+                                      reproducible), PlainUSR-T 47.1-50.8, SPAN-28
                                       46.6-54.7 dB; max-abs <=
                                       0.082 (the bound is a coarse check: one edge pixel).
                                       Same gate on aarch64 (ARM int8 kernels: <= 7 LSB from
