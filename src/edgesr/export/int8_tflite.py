@@ -25,8 +25,8 @@ exclude one op by name, which the sensitivity search needs, and a trial (quantiz
 recalibrating) takes a fraction of a second.  Measured (``benchmarks/pt2e_int8.py``,
 PlainUSR-U x4, 64x64): PT2E converts and makes all 33 ops int8 (LeakyReLU too), but its
 input/output become int8 (the edge QDQ pairs fold into the I/O tensors) and Set5 drops
-0.78 dB with no per-op fallback short of a new torch export per trial; 242 s, 220 of them
-in the HistogramObserver calibration of the same 144 inputs (loaded 2-core machine).
+0.78 dB with no per-op fallback short of a new torch export per trial; 9 s on the idle
+2-core machine (3 s of it calibrating the same 144 inputs), 242 s under load ~7.
 
 SPAN-28 (2-4 of 79 ops int8): the cost sits in ``conv_cat``'s input, the concatenation of
 ``conv_1``'s output (per-channel |x| up to ~18: SPAN's x255 folded into conv_1) with three
