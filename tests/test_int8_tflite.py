@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.tools import flatbuffer_utils as fu
 
+from conftest import SHARED
 from edgesr.cli import main
 from edgesr.export.metadata import read_metadata
 from edgesr.export.precision import extreme_inputs, load_calibration
@@ -18,8 +19,8 @@ from edgesr.pipeline import export_model, obtain_model
 from edgesr.quality.engine import artifact_form, evaluate
 from edgesr.runtime.runners import LiteRTRunner
 
-CKPT = Path("/work/shared/checkpoints")
-SET5 = Path("/work/shared/datasets/Set5")
+CKPT = SHARED / "checkpoints"
+SET5 = SHARED / "datasets/Set5"
 WEIGHTS = CKPT / "PlainUSRU_Rep_x4.pth"
 INT8_MAX_DROP_DB = 0.15  # issue 16 gate, Y-PSNR vs the fp32 artifact on Set5
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import SHARED
 from edgesr.cli import main
 from edgesr.export.metadata import read_metadata
 from edgesr.export.precision import (FP16_MAX, RANGE_METHODS, calibration_inputs, calibration_tensors,
@@ -24,8 +25,8 @@ from edgesr.pipeline import export_model, obtain_model
 from edgesr.quality.engine import artifact_form, evaluate
 from edgesr.runtime.runners import open_runner
 
-CKPT = Path("/work/shared/checkpoints")
-SET5 = Path("/work/shared/datasets/Set5")
+CKPT = SHARED / "checkpoints"
+SET5 = SHARED / "datasets/Set5"
 FP16_MAX_DROP_DB = 0.02  # issue 16 gate, Y-PSNR vs the fp32 artifact on Set5
 INT8_MAX_DROP_DB = 0.15
 
