@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,17 +34,11 @@ from edgesr.pipeline import export_model, obtain_model, runtime_versions  # noqa
 from edgesr.quality.dataset import open_dataset  # noqa: E402
 from edgesr.quality.engine import artifact_form, score  # noqa: E402
 
+from checkpoint_quality import cpu_name  # noqa: E402  (benchmarks/checkpoint_quality.py)
+
 SHARED = ROOT.parent / "shared"
 TFLITE_SIZE = (64, 64)
 ONNX_PROBE_SIZE = (64, 64)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def export_pair(loaded, fmt: str, workdir: Path, stem: str, max_drop: float, precision: str = "int8") -> dict:
