@@ -129,12 +129,19 @@ class Aarch64Runner:
         self.last_report: dict | None = None
         # `--int8-io` artifacts take and give uint8 images: quantize here, dequantize the
         # guest's outputs, so callers keep the float [0, 1] contract on both machines.
+        from ..errors import EdgeSRError
         from ..export.int8_io import quant_from_metadata
         from ..export.metadata import read_metadata
 
-        meta = read_metadata(self.artifact)
+        try:
+            meta = read_metadata(self.artifact)
+        except EdgeSRError:  # unreadable here: the guest's runtime gives its own one-line error
+            meta = {}
         self.input_quant = quant_from_metadata(meta, "input")
         self.output_quant = quant_from_metadata(meta, "output")
+        if meta.get("int8_io") == "true" and (self.input_quant is None or self.output_quant is None):
+            raise Aarch64Error(f"{self.artifact.name} says int8_io but its metadata gives no usable "
+                               "input/output scale and zero point; re-export it with --int8-io")
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.run_many([x])[0]
