@@ -236,3 +236,13 @@ def test_device_bench_runners_feed_uint8_artifacts(onnx_cli, tflite_pair):
         y = runner.run(x)
         assert y.dtype == np.uint8 and y.shape == (1, 3, 4 * SIZE, 4 * SIZE), (runner.name, y.dtype, y.shape)
         assert 0 < y.mean() < 255
+
+
+def test_int8_io_rewrite_refuses_an_artifact_that_already_has_it(onnx_cli, tflite_pair, tmp_path):
+    for src in (onnx_cli, tflite_pair[1]):
+        again = tmp_path / src.name
+        shutil.copy(src, again)
+        before = again.read_bytes()
+        with pytest.raises(EdgeSRError):
+            apply_int8_io(again)
+        assert again.read_bytes() == before  # nothing half-rewritten

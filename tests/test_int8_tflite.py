@@ -142,3 +142,26 @@ def test_calibration_ranges_are_the_float_tensors_extremes(fp32_artifact):
         assert np.isclose(float(p100[name]["min"][0]), min(lo[name], 0.0), rtol=1e-4, atol=1e-5), name
         assert p99[name]["max"][0] <= p100[name]["max"][0] and p99[name]["min"][0] >= p100[name]["min"][0]
     assert any(p99[n]["max"][0] < 0.99 * p100[n]["max"][0] for n in convs)  # clipping happens
+
+
+def test_block_search_keeps_the_one_at_a_time_int8_set_in_fewer_trials():
+    """The int8-set growth in doubling blocks (no model: additive op costs, so the answer is
+    known): ops join cheapest first while the summed cost stays within the target; an op
+    too costly alone or on top of the cheaper ones stays float, with the reason named."""
+    from edgesr.export.int8_tflite import GraphOp, _grow_int8_set
+
+    costs = [0.001] * 40 + [0.002] * 20 + [0.05, 0.3]  # 60 cheap ops, one that tips the sum, one too costly
+    ops = [GraphOp(i, "CONV_2D", f"m/conv{i}") for i in range(len(costs))]
+    cost = {op: c for op, c in zip(ops, costs)}
+    target = 0.1
+
+    def drop_with(kept_float):
+        return sum(cost[o] for o in ops if o not in kept_float)
+
+    kept, why, tried, order = _grow_int8_set(ops, drop_with, target, log=lambda s: None)
+    # one at a time, cheapest first: all 60 cheap ops (0.08 dB) join, 0.05 would make 0.13
+    assert {o.index for o in order} == set(range(60))
+    assert {o.index for o in kept} == {60, 61}
+    assert drop_with(kept) <= target
+    assert "0.300 dB > target" in why["#61 CONV_2D m/conv61"] and "60 int8 ops before it" in why["#60 CONV_2D m/conv60"]
+    assert tried < len(ops) + 20  # one cost trial per op, then ~log2 blocks, not one more per op

@@ -362,16 +362,18 @@ class DeviceOnnxRunner:
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        # uint8 input: an `--int8-io` artifact, whose contract is scale 1/255, zero point 0
-        # (onnxruntime does not expose the scale; edgesr's metadata records it)
+        # uint8 input: an `--int8-io` artifact; its scale / zero point are in edgesr's metadata
+        # (onnxruntime's graph inputs do not carry them)
         self.uint8 = self.session.get_inputs()[0].type == "tensor(uint8)"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.in_quant = (float(meta.get("input_scale", 1.0 / 255.0)), int(meta.get("input_zero_point", 0)))
         self.version, self.threads, self.layout = ort.__version__, int(threads), layout
 
     def run(self, x):
         if self.layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         if self.uint8:
-            x = _integer_input(x, np.uint8, 1.0 / 255.0, 0)
+            x = _integer_input(x, np.uint8, *self.in_quant)
         y = self.session.run(None, {self.input_name: x})[0]
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2)) if self.layout == "NHWC" else y
 

@@ -281,11 +281,3 @@ def _check_tflite_io(data: bytes) -> None:
         scale, zp = d["quantization"]
         if d["dtype"] != np.uint8 or not np.isclose(scale, IO_SCALE) or zp != IO_ZERO_POINT:
             raise ExportError(f"internal: TFLite tensor {d['name']} is {d['dtype']} ({scale}, {zp}) after --int8-io")
-
-
-def describe(report: dict) -> str:
-    """One line for reports: the integer interface."""
-    i, o = report.get("input", {}), report.get("output", {})
-    return (f"input {i.get('dtype')} (scale {i.get('scale'):.6g}, zero point {i.get('zero_point')}), "
-            f"output {o.get('dtype')} (scale {o.get('scale'):.6g}, zero point {o.get('zero_point')})")
-

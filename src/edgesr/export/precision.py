@@ -216,24 +216,19 @@ def calibration_inputs(calib: CalibrationSet, scale: int, input_size: tuple[int,
 # --------------------------------------------------------------------------- metrics
 
 
+def luma(rgb: np.ndarray, shave: int) -> np.ndarray:
+    """BT.601 Y (Matlab rgb2ycbcr scale, float64) of a uint8 HWC image, ``shave`` border pixels cut:
+    the papers' protocol of ``edgesr eval`` (quality.metrics)."""
+    from ..quality.metrics import shave_border, y_channel
+
+    return shave_border(y_channel(rgb), shave)
+
+
 def y_psnr(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
-    """Y-channel (BT.601) PSNR of uint8 HWC images with ``shave`` border pixels ignored."""
-    try:  # the shared metric once `edgesr eval` lands it
-        from ..quality.metrics import psnr_ssim_y  # type: ignore
+    """Y-channel PSNR of uint8 HWC images (no SSIM: the searches call this on every trial)."""
+    from ..quality.metrics import psnr
 
-        return float(psnr_ssim_y(sr, hr, shave)[0])
-    except ImportError:
-        pass
-
-    def luma(a):
-        a = a.astype(np.float64)
-        return 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
-
-    ys, yh = luma(sr), luma(hr)
-    if shave:
-        ys, yh = ys[shave:-shave, shave:-shave], yh[shave:-shave, shave:-shave]
-    mse = float(np.mean((ys - yh) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+    return psnr(luma(sr, shave), luma(hr, shave))
 
 
 def to_uint8(nchw: np.ndarray) -> np.ndarray:
@@ -477,7 +472,7 @@ class Int8Report:
     scheme_drops: dict[str, float] = field(default_factory=dict)  # probe drop, every layer int8, per range scheme
     range_methods: dict[str, str] = field(default_factory=dict)  # activation tensor -> method of its range
     # ONNX: the drop the exported graph's output noise predicts on the probe
-    # (:func:`noise_drop`; what the search targets), and that target
+    # (:class:`NoiseProbe`; what the search targets), and that target
     predicted_drop: float | None = None
     target_drop: float | None = None
 
@@ -602,13 +597,6 @@ def per_tensor_methods(stats: dict[str, ActivationStats], ranges: dict[str, dict
     return choice
 
 
-def _luma(rgb: np.ndarray, shave: int) -> np.ndarray:
-    """BT.601 Y (float64) of a uint8 HWC image with ``shave`` border pixels cut (as :func:`y_psnr`)."""
-    a = rgb.astype(np.float64)
-    y = 16.0 + (65.481 * a[..., 0] + 128.553 * a[..., 1] + 24.966 * a[..., 2]) / 255.0
-    return y[shave:-shave, shave:-shave] if shave else y
-
-
 class NoiseProbe:
     """The quality probe of the int8 search: each candidate graph is judged by the Y-PSNR drop
     its *output noise* predicts, not by its measured Y-PSNR difference.
@@ -627,8 +615,8 @@ class NoiseProbe:
     def __init__(self, fp32_model, pairs: Sequence[tuple[np.ndarray, np.ndarray]], scale: int):
         self.pairs, self.shave = list(pairs), scale
         outs = self._run(fp32_model)
-        self.ref = [_luma(o, scale) for o in outs]
-        self.err = [max(float(np.mean((r - _luma(hr, scale)) ** 2)), 1e-12) for r, (_, hr) in zip(self.ref, self.pairs)]
+        self.ref = [luma(o, scale) for o in outs]
+        self.err = [max(float(np.mean((r - luma(hr, scale)) ** 2)), 1e-12) for r, (_, hr) in zip(self.ref, self.pairs)]
         self.fp32_y_psnr = float(np.mean([y_psnr(o, hr, scale) for o, (_, hr) in zip(outs, self.pairs)]))
 
     def _run(self, model) -> list[np.ndarray]:
@@ -638,7 +626,7 @@ class NoiseProbe:
     def measure(self, model) -> tuple[float, float]:
         """(predicted drop in dB, mean Y-PSNR) of ``model`` on the probe."""
         outs = self._run(model)
-        drops = [10.0 * np.log10(1.0 + float(np.mean((_luma(o, self.shave) - r) ** 2)) / e)
+        drops = [10.0 * np.log10(1.0 + float(np.mean((luma(o, self.shave) - r) ** 2)) / e)
                  for o, r, e in zip(outs, self.ref, self.err)]
         psnr = float(np.mean([y_psnr(o, hr, self.shave) for o, (_, hr) in zip(outs, self.pairs)]))
         # rounded: a decision must not hinge on the last bits of a float sum

@@ -76,6 +76,9 @@ def _io_quant(meta: dict[str, str], side: str, graph_dtype: str, graph_quant=Non
 
     if graph_dtype == "float32":
         return None
+    if graph_dtype not in ("uint8", "int8"):
+        raise EdgeSRError(f"{what} has a {graph_dtype} {side}; edgesr artifacts take float32 (or uint8/int8 "
+                          "with --int8-io)")
     if graph_quant is not None and graph_quant[0]:
         return TensorQuant(graph_dtype, float(graph_quant[0]), int(graph_quant[1]))
     q = quant_from_metadata(meta, side)
