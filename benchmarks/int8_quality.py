@@ -97,12 +97,11 @@ def markdown(rows: list[dict], dataset: Path, max_drop: float, precision: str = 
         f"{TFLITE_SIZE[0]}x{TFLITE_SIZE[1]} export, tiled, ai-edge-litert {v.get('ai-edge-litert')} (XNNPACK). "
         + (f"int8 = `edgesr export --precision int8` with the default calibration and budget {max_drop} dB. "
          if precision == "int8" else f"fp16 = `edgesr export --precision fp16`; gate {max_drop} dB. ")
-        + "(with --precision fp16 the int8 columns hold the fp16 artifact.) "
-        "drop = fp32 artifact - int8 artifact on Set5; probe = the drop the export itself predicted (ONNX: "
+        + f"drop = fp32 artifact - {precision} artifact on Set5; probe = the drop the export itself predicted (ONNX: "
         "from the int8-vs-fp32 output noise) or measured (TFLite) on its calibration probe (never Set5).",
         "",
-        "| checkpoint | model | format | fp32 PSNR / SSIM | int8 PSNR / SSIM | drop (dB) | probe drop | layers | "
-        "int8 export s | gate |",
+        f"| checkpoint | model | format | fp32 PSNR / SSIM | {precision} PSNR / SSIM | drop (dB) | probe drop | layers | "
+        f"{precision} export s | gate |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
