@@ -353,8 +353,9 @@ def _grow_int8_set(candidates: Sequence[GraphOp], drop_with: Callable[[Sequence[
     Ops join in blocks: a block that keeps the probe within ``target`` joins whole and the
     next block is twice as long; a block that does not is halved until one op is left, which
     is then kept float.  Most ops of a graph are cheap (PlainUSR-S: 198 of 234 int8), so
-    this takes about log2(n) trials plus a few per float-kept op, where joining one op at a
-    time took n (PlainUSR-S: 695 s for the whole search on the loaded 2-core machine).
+    after the n cost trials the growth takes about log2(n) trials plus a few per float-kept
+    op, where joining one op at a time took another n (PlainUSR-S: 695 s for the whole search
+    on the loaded 2-core machine).
 
     Why not "fall back one op at a time from all-int8": the quantization noise sits in the
     tensors between ops, and a tensor is float only when its producer and consumers all are;
